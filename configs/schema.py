@@ -1,0 +1,172 @@
+"""The training config: nested keyword-only dataclasses, one per TOML section.
+
+Field names are a public contract (docs, presets, `--section.key=value` overrides, other
+subcommands read them). Extend freely; never rename. Validation that involves one field lives in
+`Literal`/type annotations and `_checks`; cross-field rules live in `configs.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    # A directory holding a HF `config.json` (and weights, for pretrained init), a `config.json`
+    # file, or the name of a shipped model config under configs/models/ (e.g. "tiny-llama").
+    path: str = "tiny-llama"
+    # "auto": load weights with from_pretrained when the directory has them, else random init.
+    init: Literal["auto", "random", "pretrained"] = "auto"
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # Tokenizer directory or tokenizer.json; "" = the model directory's, else the shipped one.
+    tokenizer: str = ""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    # A .txt / .jsonl file or a directory of them; "builtin:demo" = the corpus shipped with trellis.
+    path: str = "builtin:demo"
+    format: Literal["auto", "text", "jsonl"] = "auto"
+    text_field: str = "text"
+    seq_len: int = 128
+    shuffle: bool = True
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    # -1 = whatever is left of the world size after the other axes (at most one axis).
+    dp: int = -1
+    pp: int = 1
+    tp: int = 1
+    sequence_parallel: bool = False
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    # "even" (by layers), "params" (by parameter count), or explicit split points "4,8".
+    pp_split: str = "even"
+    # Collective timeout; a dead peer ends the job after this instead of hanging.
+    timeout_s: float = 300.0
+
+
+@dataclass(kw_only=True)
+class ZeroConfig:
+    stage: Literal[0, 1, 2, 3] = 0
+    backend: Literal["native", "deepspeed"] = "native"
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str = ""
+    pin_memory: bool = False
+    # A stock DeepSpeed JSON used as-is by the deepspeed backend (`--deepspeed` sets it).
+    deepspeed_config: str = ""
+
+
+@dataclass(kw_only=True)
+class PrecisionConfig:
+    # Compute dtype. Master weights and gradient reduction are always fp32.
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp16 only: "dynamic" or a static scale written as a number (e.g. "1024").
+    loss_scale: str = "dynamic"
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+
+
+@dataclass(kw_only=True)
+class ActivationCheckpointingConfig:
+    mode: Literal["none", "full", "selective"] = "none"
+
+
+@dataclass(kw_only=True)
+class TrainLoopConfig:
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    # 0 = micro_batch_size × grad_accum × dp; when set it must equal that product.
+    global_batch_size: int = 0
+    steps: int = 10
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    # 0 disables clipping.
+    grad_clip: float = 1.0
+    seed: int = 1234
+    # Evaluate after training on this many held-out batches (0 = skip).
+    eval_batches: int = 0
+
+
+@dataclass(kw_only=True)
+class PeftConfig:
+    method: Literal[
+        "none", "lora", "rslora", "dora", "qlora", "ia3", "prefix", "prompt", "ptuning", "ptuning_v2",
+        "adalora", "lokr", "loha", "hra",
+    ] = "none"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Empty = the family's default targets (attention + MLP projections).
+    target_modules: list[str] = field(default_factory=list)
+    num_virtual_tokens: int = 8
+    # Base linears quantized to 4 bit with bitsandbytes ("qlora" = lora with nf4 unless set).
+    quantize_base: Literal["auto", "none", "nf4", "fp4"] = "auto"
+    double_quant: bool = True
+    compute_dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str = ""
+    # Save every N optimizer steps (0 = only at the end / on signal when dir is set).
+    interval: int = 0
+    interval_seconds: float = 0.0
+    keep_last_k: int = 3
+    async_save: bool = False
+    # "none" | "auto" (newest valid checkpoint in dir, else start fresh) | a step directory.
+    resume: str = "none"
+    save_on_signal: bool = True
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    metrics_file: str = "runs/metrics.jsonl"
+    progress: Literal["auto", "rich", "plain", "none"] = "auto"
+    log_interval: int = 1
+    tensorboard_dir: str = ""
+
+
+@dataclass(kw_only=True)
+class LauncherConfig:
+    name: Literal["auto", "standalone", "torchrun", "deepspeed", "mpirun", "srun"] = "auto"
+    # Ranks per node when trellis starts its own ranks; 0 = dp × pp × tp (with -1 read as 1).
+    nproc_per_node: int = 0
+    nnodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0 = pick a free port
+    hostfile: str = ""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    activation_checkpointing: ActivationCheckpointingConfig = field(
+        default_factory=ActivationCheckpointingConfig
+    )
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    # Where the config came from (file path), for messages; not a user key.
+    source: str = field(default="", repr=False, compare=False)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.micro_batch_size * self.train.grad_accum * max(self.parallel.dp, 1)

@@ -1,0 +1,155 @@
+"""Cross-field rules that need only the config (model- and world-dependent rules run at start-up)."""
+
+from __future__ import annotations
+
+from trellis.errors import ConfigError
+
+from .schema import TrainConfig
+
+# PEFT methods known to break inside peft on a 4-bit base (measured: LoKr/LoHa/HRA).
+_NO_4BIT_METHODS = ("lokr", "loha", "hra")
+_PROMPT_METHODS = ("prefix", "prompt", "ptuning", "ptuning_v2")
+
+
+def base_quantization(cfg: TrainConfig) -> str:
+    """Resolved `peft.quantize_base`: "nf4" for qlora unless set, else "none" unless set."""
+    q = cfg.peft.quantize_base
+    if q == "auto":
+        return "nf4" if cfg.peft.method == "qlora" else "none"
+    return q
+
+
+def validate(cfg: TrainConfig) -> None:
+    e: list[str] = []
+    p, t, z, pr = cfg.parallel, cfg.train, cfg.zero, cfg.precision
+
+    for name in ("dp", "pp", "tp"):
+        v = getattr(p, name)
+        if v == 0 or v < -1:
+            e.append(f"parallel.{name}={v}: must be a positive integer, or -1 for 'whatever is left'")
+    if [p.dp, p.pp, p.tp].count(-1) > 1:
+        e.append("parallel: only one of dp, pp, tp may be -1 (the axis that takes what is left)")
+    if p.timeout_s <= 0:
+        e.append(f"parallel.timeout_s={p.timeout_s}: must be > 0 seconds")
+    if p.sequence_parallel and p.tp == 1:
+        e.append("parallel.sequence_parallel=true needs parallel.tp > 1; set parallel.tp or turn it off")
+    if p.pp_split not in ("even", "params"):
+        try:
+            points = [int(x) for x in p.pp_split.split(",")]
+            if points != sorted(set(points)) or points[0] <= 0:
+                raise ValueError
+        except ValueError:
+            e.append(f"parallel.pp_split={p.pp_split!r}: use 'even', 'params', or increasing layer "
+                     "indices like '2,4'")
+        else:
+            if p.pp > 0 and len(points) != p.pp - 1:
+                e.append(f"parallel.pp_split={p.pp_split!r}: {len(points)} split points make "
+                         f"{len(points) + 1} stages but parallel.pp={p.pp}; give {p.pp - 1} points")
+
+    for name in ("micro_batch_size", "grad_accum", "steps"):
+        if getattr(t, name) < 1:
+            e.append(f"train.{name}={getattr(t, name)}: must be >= 1")
+    if t.lr <= 0:
+        e.append(f"train.lr={t.lr}: must be > 0")
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        e.append(f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}")
+    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
+        e.append(f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.steps={t.steps}")
+    if t.grad_clip < 0:
+        e.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        e.append(f"train.beta1/beta2=({t.beta1}, {t.beta2}): each must be in [0, 1)")
+    if t.weight_decay < 0:
+        e.append(f"train.weight_decay={t.weight_decay}: must be >= 0")
+    if t.global_batch_size < 0:
+        e.append(f"train.global_batch_size={t.global_batch_size}: must be >= 0 (0 = derived)")
+    elif t.global_batch_size and p.dp > 0:
+        derived = t.micro_batch_size * t.grad_accum * p.dp
+        if derived != t.global_batch_size:
+            e.append(
+                f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size "
+                f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x parallel.dp ({p.dp}) "
+                f"= {derived}; change one of them or set train.global_batch_size=0 to derive it")
+    if p.pp > 1 and t.grad_accum < p.pp:
+        e.append(f"train.grad_accum={t.grad_accum}: pipeline parallel needs at least parallel.pp="
+                 f"{p.pp} micro-batches per step; set train.grad_accum >= {p.pp}")
+    if t.optimizer == "adamw8bit" and z.backend == "deepspeed":
+        e.append("train.optimizer='adamw8bit' is not available with zero.backend='deepspeed'; "
+                 "use 'adamw' or the native backend")
+
+    if cfg.data.seq_len < 2:
+        e.append(f"data.seq_len={cfg.data.seq_len}: must be >= 2")
+
+    if pr.dtype == "fp16":
+        if pr.loss_scale != "dynamic":
+            try:
+                if float(pr.loss_scale) <= 0:
+                    raise ValueError
+            except ValueError:
+                e.append(f"precision.loss_scale={pr.loss_scale!r}: fp16 needs loss scaling; use "
+                         "'dynamic' or a positive static scale like '1024'")
+        if pr.loss_scale_window < 1:
+            e.append(f"precision.loss_scale_window={pr.loss_scale_window}: must be >= 1")
+        if pr.hysteresis < 1:
+            e.append(f"precision.hysteresis={pr.hysteresis}: must be >= 1")
+        if pr.min_loss_scale <= 0:
+            e.append(f"precision.min_loss_scale={pr.min_loss_scale}: must be > 0")
+        if not 0 <= pr.initial_scale_power <= 64:
+            e.append(f"precision.initial_scale_power={pr.initial_scale_power}: must be in 0..64")
+        elif pr.min_loss_scale > 2.0 ** pr.initial_scale_power:
+            e.append(f"precision.min_loss_scale={pr.min_loss_scale} is above the initial scale "
+                     f"2^{pr.initial_scale_power}; lower it or raise precision.initial_scale_power")
+
+    if z.offload_param != "none" and z.stage != 3:
+        e.append(f"zero.offload_param={z.offload_param!r} needs zero.stage=3 (got {z.stage})")
+    if z.offload_optimizer != "none" and z.stage == 0:
+        e.append(f"zero.offload_optimizer={z.offload_optimizer!r} needs zero.stage >= 1")
+    if "nvme" in (z.offload_optimizer, z.offload_param):
+        if z.backend != "deepspeed":
+            e.append("zero.offload_*='nvme' needs zero.backend='deepspeed' (ZeRO-Infinity); the native "
+                     "backend offloads to 'cpu' only")
+        if not z.nvme_path:
+            e.append("zero.nvme_path: required when offloading to nvme; set it to a fast local directory")
+    if z.backend == "deepspeed" and (p.tp > 1 or p.pp > 1):
+        e.append(f"zero.backend='deepspeed' supports data parallel only in trellis (got parallel.tp={p.tp}, "
+                 f"parallel.pp={p.pp}); use zero.backend='native' for tensor/pipeline parallel")
+    if z.deepspeed_config and z.backend != "deepspeed":
+        e.append("zero.deepspeed_config is set but zero.backend is 'native'; set zero.backend='deepspeed'")
+    if z.backend == "native" and z.stage in (1, 2, 3) and z.offload_optimizer == "cpu" and z.stage < 3:
+        e.append(f"zero.offload_optimizer='cpu' with the native backend needs zero.stage=3 (FSDP2 "
+                 f"CPUOffloadPolicy), got {z.stage}; use zero.stage=3 or zero.backend='deepspeed'")
+
+    q = base_quantization(cfg)
+    if q != "none" and cfg.peft.method in _NO_4BIT_METHODS:
+        e.append(f"peft.method={cfg.peft.method!r} breaks inside peft on a 4-bit base; use lora/dora/ia3 "
+                 "for QLoRA, or set peft.quantize_base='none'")
+    if q != "none" and cfg.peft.method == "none":
+        e.append("peft.quantize_base is set but peft.method='none'; a 4-bit base needs an adapter method "
+                 "(e.g. peft.method='qlora')")
+    if cfg.peft.method != "none":
+        if cfg.peft.r < 1:
+            e.append(f"peft.r={cfg.peft.r}: must be >= 1")
+        if cfg.peft.method in _PROMPT_METHODS and cfg.peft.num_virtual_tokens < 1:
+            e.append(f"peft.num_virtual_tokens={cfg.peft.num_virtual_tokens}: must be >= 1")
+
+    c = cfg.checkpoint
+    if (c.interval or c.interval_seconds) and not c.dir:
+        e.append("checkpoint.interval is set but checkpoint.dir is empty; set checkpoint.dir")
+    if c.interval < 0 or c.interval_seconds < 0:
+        e.append("checkpoint.interval / interval_seconds: must be >= 0")
+    if c.keep_last_k < 1:
+        e.append(f"checkpoint.keep_last_k={c.keep_last_k}: must be >= 1")
+    if c.resume not in ("none", "auto") and not c.resume:
+        e.append("checkpoint.resume: use 'none', 'auto' or a checkpoint directory")
+    if c.resume == "auto" and not c.dir:
+        e.append("checkpoint.resume='auto' needs checkpoint.dir to search in")
+
+    if cfg.logging.log_interval < 1:
+        e.append(f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
+    if cfg.launcher.nproc_per_node < 0 or cfg.launcher.nnodes < 1:
+        e.append("launcher.nproc_per_node must be >= 0 and launcher.nnodes >= 1")
+    if not 0 <= cfg.launcher.master_port < 65536:
+        e.append(f"launcher.master_port={cfg.launcher.master_port}: must be a TCP port (0 = pick a free one)")
+
+    if e:
+        raise ConfigError(e)

@@ -1,0 +1,1 @@
+"""Training engine: model/data building, trainer loop, AMP, optimizers, metrics, checkpoints."""

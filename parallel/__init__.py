@@ -1,0 +1,1 @@
+"""Parallelism: ParallelDims/mesh, tensor/pipeline/data parallel, per-family plans."""

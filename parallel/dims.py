@@ -1,0 +1,114 @@
+"""ParallelDims: the degrees of each parallel axis and the one DeviceMesh built from them.
+
+Nothing else in trellis computes ranks or process groups by hand: every group comes from a named
+axis of this mesh ("pp", "dp", "tp"; "tp" innermost so tensor-parallel peers are neighbours, which
+on GPUs keeps them inside a node).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from trellis.errors import ConfigError
+
+MESH_AXES = ("pp", "dp", "tp")
+
+
+@dataclass
+class ParallelDims:
+    dp: int
+    pp: int
+    tp: int
+    world_size: int
+    _mesh: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._resolve_and_validate()
+
+    def _resolve_and_validate(self) -> None:
+        for name in MESH_AXES:
+            v = getattr(self, name)
+            if v == 0 or v < -1:
+                raise ConfigError(f"parallel.{name}={v}: must be a positive integer, or -1")
+        unknown = [n for n in MESH_AXES if getattr(self, n) == -1]
+        if len(unknown) > 1:
+            raise ConfigError(f"parallel: only one axis may be -1, got {', '.join(unknown)}")
+        known = 1
+        for n in MESH_AXES:
+            if getattr(self, n) != -1:
+                known *= getattr(self, n)
+        if unknown:
+            if self.world_size % known:
+                raise ConfigError(
+                    f"parallel.{unknown[0]}=-1: world size {self.world_size} is not divisible by the "
+                    f"other axes' product {known}; use a world size that is a multiple of {known}")
+            setattr(self, unknown[0], self.world_size // known)
+        if self.dp * self.pp * self.tp != self.world_size:
+            raise ConfigError(
+                f"parallel: dp ({self.dp}) x pp ({self.pp}) x tp ({self.tp}) = "
+                f"{self.dp * self.pp * self.tp} but the world size is {self.world_size}; "
+                f"make the product equal the number of ranks, or set one axis to -1")
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    def as_dict(self) -> dict[str, int]:
+        return {"dp": self.dp, "pp": self.pp, "tp": self.tp, "world_size": self.world_size}
+
+    def build_mesh(self, device_type: str = "cpu"):
+        """The world's DeviceMesh, shape (pp, dp, tp), with named axes. Built once, then cached."""
+        if self._mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._mesh = init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_AXES)
+        return self._mesh
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() has not been called")
+        return self._mesh
+
+    def coordinate(self) -> dict[str, int]:
+        """This rank's coordinate on each axis, e.g. {"pp": 0, "dp": 1, "tp": 0}."""
+        return {n: self.mesh.get_local_rank(n) for n in MESH_AXES}
+
+
+def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int, num_layers: int,
+                        vocab_size: int, intermediate_size: int, micro_batches: int) -> None:
+    """Model-dependent layout rules, checked before any training step; all problems in one error."""
+    e: list[str] = []
+    tp, pp = dims.tp, dims.pp
+    if tp > 1:
+        def divisors(n: int) -> str:
+            return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+        if num_heads % tp:
+            e.append(f"parallel.tp={tp} does not divide num_attention_heads={num_heads}; use one of {divisors(num_heads)}")
+        if num_kv_heads % tp:
+            e.append(f"parallel.tp={tp} does not divide num_key_value_heads={num_kv_heads}; use one of "
+                     f"{divisors(num_kv_heads)} (kv heads are sharded, not replicated)")
+        if intermediate_size % tp:
+            e.append(f"parallel.tp={tp} does not divide the MLP size {intermediate_size}; use one of {divisors(intermediate_size)}")
+        if vocab_size % tp:
+            e.append(f"parallel.tp={tp} does not divide vocab_size={vocab_size}; pad the vocabulary to a multiple of {tp}")
+    if pp > num_layers:
+        e.append(f"parallel.pp={pp} is more than the model's {num_layers} layers; use at most {num_layers}")
+    if pp > 1 and micro_batches < pp:
+        e.append(f"train.grad_accum={micro_batches}: pipeline parallel needs >= parallel.pp={pp} micro-batches")
+    if e:
+        raise ConfigError(e)
+
+
+def collective_timeout(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)

@@ -1,0 +1,1 @@
+"""Per-family tensor-parallel plans and pipeline split points, as data."""

@@ -1,0 +1,1 @@
+"""Slurm: sbatch templates, submitit path and a local dev cluster (dev-cluster/)."""

@@ -1,0 +1,5 @@
+import sys
+
+from trellis.cli import main
+
+sys.exit(main())

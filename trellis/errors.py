@@ -1,0 +1,21 @@
+"""User-facing errors. The CLI prints these without a traceback and exits 2."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by user input (config, flags, files). Printed as-is, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str | list[str]):
+        self.messages = [message] if isinstance(message, str) else list(message)
+        super().__init__("\n".join(self.messages))
+
+
+class ConfigError(UserError):
+    """One or more invalid config fields. Each message names the field and the fix."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, invalid, corrupted or incompatible."""
