@@ -1,0 +1,38 @@
+"""FamilySpec: everything trellis needs to know about one HF model family, as data.
+
+Structure (where the embedding, decoder blocks, final norm and head live) drives the pipeline split and
+activation checkpointing; `tp_plan` maps module paths *inside one decoder block* to a tensor-parallel
+style. Shared code in parallel/tensor_parallel.py and parallel/pipeline.py applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    model_types: tuple[str, ...]
+    # Dotted paths from the *ForCausalLM root.
+    backbone: str                      # e.g. "model" (LlamaModel), "transformer" (GPT2Model)
+    layers: str                        # ModuleList of decoder blocks
+    embed_tokens: str
+    final_norm: str
+    lm_head: str = "lm_head"
+    position_embedding: str | None = None   # learned absolute positions (GPT-2 wpe, OPT embed_positions)
+    embed_norm: str | None = None           # BLOOM word_embeddings_layernorm
+    rotary_emb: str | None = None           # model-level rotary module (Llama, NeoX)
+    attention: str = "self_attn"            # attention submodule inside a block (selective checkpointing)
+    # Tensor-parallel styles for modules inside a decoder block:
+    #   "colwise"  - out-features sharded (Linear weight Shard(0))
+    #   "rowwise"  - in-features sharded, output all-reduced
+    #   "colwise_qkv_concat" - fused [q|k|v] on out-features: each of q, k, v sharded separately
+    #   "colwise_qkv_headmajor" - fused per-head [h, 3, d] layout: contiguous sharding keeps whole heads
+    tp_plan: dict[str, str] = field(default_factory=dict)
+    # Modules whose parameters are LoRA/adapter targets by default.
+    default_lora_targets: tuple[str, ...] = ()
+    # Conv1D (in, out) weights that are converted to nn.Linear before parallelization (GPT-2).
+    conv1d: bool = False
+    # ALiBi slopes depend on the global head index (BLOOM).
+    alibi: bool = False
