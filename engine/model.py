@@ -1,0 +1,101 @@
+"""Build the HF causal LM (random init from a config, or from_pretrained from a local directory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from trellis.errors import ConfigError
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def shipped_models_dir() -> Path:
+    from trellis.configs import PRESET_DIR
+
+    return PRESET_DIR / "models"
+
+
+def resolve_model_dir(path: str) -> Path:
+    """A directory with config.json, a config.json file's directory, or a shipped model name."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file():
+        return p
+    if p.is_file() and p.name.endswith(".json"):
+        return p.parent
+    shipped = shipped_models_dir() / path
+    if (shipped / "config.json").is_file():
+        return shipped
+    names = sorted(d.name for d in shipped_models_dir().iterdir() if (d / "config.json").is_file())
+    raise ConfigError(f"model.path={path!r}: not a directory with config.json nor a shipped model "
+                      f"({', '.join(names)})")
+
+
+def read_model_config(path: str) -> dict:
+    p = Path(path)
+    cfg_file = p if p.is_file() else resolve_model_dir(path) / "config.json"
+    return json.loads(cfg_file.read_text())
+
+
+def has_weights(model_dir: Path) -> bool:
+    return any((model_dir / f).is_file() for f in _WEIGHT_FILES)
+
+
+def load_hf_config(model_cfg):
+    from transformers import AutoConfig
+
+    model_dir = resolve_model_dir(model_cfg.path)
+    p = Path(model_cfg.path)
+    if p.is_file():
+        hf = AutoConfig.for_model(**json.loads(p.read_text()))
+    else:
+        hf = AutoConfig.from_pretrained(str(model_dir))
+    hf.use_cache = False
+    return model_dir, hf
+
+
+def build_model(model_cfg, *, seed: int, device: str | torch.device = "cpu"):
+    """The full (unsharded) model in fp32 on `device`; parallelize() shards it afterwards.
+
+    Random init is seeded, so every rank builds bit-identical weights without a broadcast.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model_dir, hf_config = load_hf_config(model_cfg)
+    pretrained = model_cfg.init == "pretrained" or (model_cfg.init == "auto" and has_weights(model_dir))
+    if model_cfg.init == "pretrained" and not has_weights(model_dir):
+        raise ConfigError(f"model.init='pretrained' but {model_dir} has no weights ({', '.join(_WEIGHT_FILES)})")
+    if pretrained:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), config=hf_config, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation)
+    else:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation)
+    model.config.use_cache = False
+    return model.to(device), model_dir
+
+
+def check_vocab(model, tokenizer) -> None:
+    v_model = model.config.vocab_size
+    v_tok = len(tokenizer)
+    if v_model != v_tok:
+        raise ConfigError(
+            f"model vocab_size={v_model} != tokenizer size {v_tok}; set model.tokenizer to the tokenizer the model "
+            "was built for, or set vocab_size in the model's config.json")
+
+
+def model_dims(hf_config) -> dict[str, int]:
+    """Heads, kv heads, layers, vocab and MLP size under the family-specific config names."""
+    c = hf_config
+    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
+    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
+    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
+    inter = (getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None)
+             or 4 * hidden)
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    return {"num_heads": heads, "num_kv_heads": kv, "num_layers": layers, "hidden_size": hidden,
+            "intermediate_size": inter, "vocab_size": c.vocab_size}

@@ -1,0 +1,125 @@
+"""Data parallel and ZeRO over the mesh's "dp" axis.
+
+Semantics (what each stage keeps per dp rank; Ψ = trainable parameters on this rank's tp/pp shard):
+- ZeRO-0: params, grads and optimizer state replicated; grads all-reduced (sum) over dp.
+- ZeRO-1: params and grads replicated, grads all-reduced; each dp rank owns a subset of whole parameters
+  (greedy balance by size) and keeps optimizer state only for those; after its step it broadcasts the
+  updated parameters to the other dp ranks. Optimizer state ≈ 8Ψ/dp bytes (whole-tensor granularity).
+- ZeRO-2: FSDP2 `fully_shard(reshard_after_forward=False)`: params, grads and optimizer state sharded;
+  the gathered params stay between forward and backward (no re-gather in backward).
+- ZeRO-3: FSDP2 `fully_shard(reshard_after_forward=True)`: like ZeRO-2 but params are re-sharded after
+  each block's forward and gathered again for backward.
+- CPU offload (ZeRO-3 only natively): FSDP2 CPUOffloadPolicy (params, grads, optimizer step on CPU).
+
+Gradients are always reduced in fp32 and summed (the loss is already normalised by the global token
+count), never averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from .models.base import FamilySpec
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class ReplicatedGradSync:
+    """ZeRO-0/1 gradient all-reduce over dp: one flattened fp32 bucket per dtype."""
+
+    def __init__(self, params: list[torch.nn.Parameter], dp_group, dp_size: int):
+        self.params = params
+        self.group = dp_group
+        self.dp_size = dp_size
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        if self.dp_size == 1:
+            return
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for g in grads:
+            by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in gs])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for g in gs:
+                n = g.numel()
+                g.copy_(flat[offset: offset + n].view_as(g))
+                offset += n
+
+
+class ZeroOneOptimizer:
+    """ZeRO-1: optimizer state sharded over dp by parameter ownership; params re-broadcast after step."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], build_optimizer, dp_group, dp_size: int):
+        self.group = dp_group
+        self.dp_size = dp_size
+        self.dp_rank = dist.get_rank(dp_group)
+        self.named_params = named_params
+        loads = [0] * dp_size
+        self.owner: list[int] = []
+        # Largest first for balance, ties broken by position: deterministic on every rank.
+        order = sorted(range(len(named_params)), key=lambda i: (-local(named_params[i][1]).numel(), i))
+        owner = [0] * len(named_params)
+        for i in order:
+            r = min(range(dp_size), key=lambda k: (loads[k], k))
+            owner[i] = r
+            loads[r] += local(named_params[i][1]).numel()
+        self.owner = owner
+        mine = [np for np, o in zip(named_params, owner) if o == self.dp_rank]
+        self.inner = build_optimizer(mine) if mine else None
+        self._src = [dist.get_global_rank(dp_group, o) for o in owner]
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups if self.inner is not None else []
+
+    @property
+    def state(self):
+        return self.inner.state if self.inner is not None else {}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for _, p in self.named_params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.inner is not None:
+            self.inner.step()
+        works = [dist.broadcast(local(p.data), src=src, group=self.group, async_op=True)
+                 for (_, p), src in zip(self.named_params, self._src)]
+        for w in works:
+            w.wait()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if self.inner is not None:
+            self.inner.load_state_dict(sd)
+
+
+def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], dp_mesh, *, stage: int, compute_dtype: torch.dtype,
+               cpu_offload: bool) -> None:
+    """ZeRO-2/3 via FSDP2: one FSDP unit per decoder block plus the root (embeddings, norm, head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=False) if cpu_offload else OffloadPolicy()
+    reshard = stage == 3
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+    for m in [*blocks, model]:
+        m.set_gradient_divide_factor(1.0)  # sum: the loss is normalised by the global token count
+
+
+def decoder_blocks(model: torch.nn.Module, spec: FamilySpec) -> list[torch.nn.Module]:
+    layers = model.get_submodule(spec.layers)
+    return list(layers.values()) if isinstance(layers, torch.nn.ModuleDict) else list(layers)
