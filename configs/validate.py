@@ -53,8 +53,8 @@ def validate(cfg: TrainConfig) -> None:
         e.append(f"train.lr={t.lr}: must be > 0")
     if t.min_lr < 0 or t.min_lr > t.lr:
         e.append(f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}")
-    if t.warmup_steps < 0 or t.warmup_steps > t.steps:
-        e.append(f"train.warmup_steps={t.warmup_steps}: must be between 0 and train.steps={t.steps}")
+    if t.warmup_steps < 0:
+        e.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     if t.grad_clip < 0:
         e.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):

@@ -1,0 +1,180 @@
+"""The torch-native backend: DTensor TP, torch.distributed.pipelining PP, ZeRO-0/1 grad sync or FSDP2
+ZeRO-2/3 over dp, autocast/FSDP mixed precision with fp32 master weights, the engine's loss scaler."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from trellis.parallel.data_parallel import ReplicatedGradSync, ZeroOneOptimizer, local
+from trellis.parallel.grad_norm import clip_grads_, total_grad_norm
+from trellis.parallel.loss import causal_lm_loss_sum, loss_parallel_context
+from trellis.parallel.parallelize import ParallelModel, parallelize
+
+from .amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
+from .backend import StepResult, TrainingBackend
+from .data import IGNORE_INDEX, Batch
+from .optim import build_optimizer, set_lr
+
+
+class NativeBackend(TrainingBackend):
+    name = "native"
+
+    def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.dims = dims
+        self.mesh = dims.mesh
+        self.dtype_name = cfg.precision.dtype
+        self._norm = 1.0  # global token count of the current step (loss normaliser)
+        self._scale = 1.0
+        self.pm: ParallelModel = parallelize(
+            model, dims, cfg, compute_dtype=compute_dtype(self.dtype_name), inject_peft=inject_peft,
+            loss_fn=self._pipeline_loss)
+        self.module = self.pm.module
+        self.named_trainable = self.pm.trainable_named_parameters()
+        self.params = [p for _, p in self.named_trainable]
+        # Autocast only where FSDP2's MixedPrecisionPolicy does not already cast (ZeRO-0/1).
+        self.autocast = not self.pm.fsdp and self.dtype_name != "fp32"
+        self.dp_group = self.mesh["dp"].get_group()
+        self.pp_group = self.mesh["pp"].get_group() if dims.pp_enabled else None
+        stage = cfg.zero.stage
+        if stage == 1 and dims.dp > 1:
+            self.optimizer = ZeroOneOptimizer(self.named_trainable, lambda nps: build_optimizer(nps, cfg.train),
+                                              self.dp_group, dims.dp)
+        else:
+            self.optimizer = build_optimizer(self.named_trainable, cfg.train)
+        self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.dp_group, dims.dp)
+        self.scaler = DynamicLossScaler.from_config(cfg.precision)
+        coord = dims.coordinate()
+        self._counts_loss = coord["tp"] == 0 and (self.pm.pipeline is None or self.pm.pipeline.is_last)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def trainable_named_parameters(self):
+        return self.named_trainable
+
+    def _global_tokens(self, micro_batches: list[Batch]) -> int:
+        n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
+        dist.all_reduce(n, group=self.dp_group)
+        return int(n.item())
+
+    def _pipeline_loss(self, logits, labels):
+        loss_sum, _ = causal_lm_loss_sum(logits, labels)
+        return loss_sum * (self._scale / self._norm)
+
+    def _world_loss(self, local_loss: float) -> float:
+        """Mean loss over the global batch: each (dp, last-stage, tp-rank-0) rank contributes its part."""
+        t = torch.tensor([local_loss if self._counts_loss else 0.0], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _forward_backward(self, micro_batches: list[Batch]) -> float:
+        dev = self.ctx.device
+        if self.pm.pipeline is not None:
+            ids = torch.cat([b.input_ids for b in micro_batches]).to(dev)
+            labels = torch.cat([b.labels for b in micro_batches]).to(dev)
+            with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"), \
+                    loss_parallel_context(self.pm.loss_parallel):
+                out = self.pm.pipeline.train_step(ids, labels)
+            return float(out) / self._scale if out is not None else 0.0
+        total = 0.0
+        n = len(micro_batches)
+        for i, b in enumerate(micro_batches):
+            if self.pm.fsdp:
+                self.module.set_requires_gradient_sync(i == n - 1)
+            with loss_parallel_context(self.pm.loss_parallel):
+                with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
+                    logits = self.module(input_ids=b.input_ids.to(dev)).logits
+                loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
+                loss = loss_sum / self._norm
+                (loss * self._scale).backward()
+            total += float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach())
+        return total
+
+    # ---- the step ------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        self._norm = float(self._global_tokens(micro_batches))
+        self._scale = self.scaler.scale if self.scaler is not None else 1.0
+        local_loss = self._forward_backward(micro_batches)
+        if self.grad_sync is not None:
+            self.grad_sync.sync()
+        if self.pm.pipeline is not None and hasattr(self.pm.pipeline, "sync_tied_grads"):
+            self.pm.pipeline.sync_tied_grads()
+        loss = self._world_loss(local_loss)
+
+        skipped = False
+        if self.scaler is not None:
+            grads = [local(p.grad) for p in self.params if p.grad is not None]
+            found_inf = found_inf_anywhere(grads, self.ctx.device)  # agreed over the whole world
+            self.scaler.update(found_inf)  # raises LossScaleUnderflow at the minimum scale
+            if found_inf:
+                self.optimizer.zero_grad(set_to_none=True)
+                return StepResult(loss=loss, grad_norm=math.nan, skipped=True, loss_scale=self._scale,
+                                  tokens=int(self._norm))
+            inv = 1.0 / self._scale
+            with torch.no_grad():
+                for p in self.params:
+                    if p.grad is not None:
+                        p.grad.mul_(inv)
+        norm = total_grad_norm(self.params, self.pp_group, exclude=self._tied_duplicates())
+        clip_grads_(self.params, self.cfg.train.grad_clip, norm)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, grad_norm=float(norm), skipped=skipped,
+                          loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
+
+    def _tied_duplicates(self) -> set[int]:
+        pipe = self.pm.pipeline
+        if pipe is None or not hasattr(pipe, "tied_duplicate_params"):
+            return set()
+        return {id(p) for p in pipe.tied_duplicate_params()}
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> float:
+        self._norm = float(self._global_tokens(micro_batches))
+        self._scale = 1.0
+        dev = self.ctx.device
+        if self.pm.pipeline is not None:
+            ids = torch.cat([b.input_ids for b in micro_batches]).to(dev)
+            labels = torch.cat([b.labels for b in micro_batches]).to(dev)
+            out = self.pm.pipeline.eval_step(ids, labels)
+            return self._world_loss(float(out) if out is not None else 0.0)
+        total = 0.0
+        for b in micro_batches:
+            with loss_parallel_context(self.pm.loss_parallel), \
+                    autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
+                logits = self.module(input_ids=b.input_ids.to(dev)).logits
+                loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
+            total += float(loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum) / self._norm
+        return self._world_loss(total)
+
+    # ---- introspection -------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        def nbytes(t):
+            return local(t).numel() * local(t).element_size()
+
+        params_by_dtype: dict[str, int] = {}
+        for _, p in self.module.named_parameters():
+            key = str(local(p).dtype).replace("torch.", "")
+            params_by_dtype[key] = params_by_dtype.get(key, 0) + nbytes(p)
+        opt_state = 0
+        for st in self.optimizer.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.numel() > 1:
+                    opt_state += nbytes(v)
+        trainable = sum(nbytes(p) for p in self.params)
+        return {
+            "params": sum(params_by_dtype.values()),
+            "params_by_dtype": params_by_dtype,
+            "trainable_params": trainable,
+            # grads are freed after each step (set_to_none); during backward→step they match the
+            # local trainable params in size and dtype (fp32).
+            "grads": trainable,
+            "optimizer_states": opt_state,
+            # fp32 trainable params are the master weights; they are a separate copy only when compute
+            # is low precision (FSDP2 casts a transient low-precision copy for compute).
+            "master_weights": trainable if self.dtype_name != "fp32" else 0,
+        }

@@ -1,0 +1,50 @@
+"""Entry for `trellis train`: start local ranks ourselves, or run as one rank of a launcher's job."""
+
+from __future__ import annotations
+
+import sys
+
+from trellis.errors import UserError
+
+
+def local_world_size(cfg) -> int:
+    if cfg.launcher.nproc_per_node:
+        return cfg.launcher.nproc_per_node
+    n = 1
+    for v in (cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp):
+        n *= max(v, 1)
+    return n
+
+
+def run_training(cfg, argv: list[str]) -> int:
+    from .distributed import launcher_rank_env
+
+    if launcher_rank_env() is None:
+        world = local_world_size(cfg)
+        if world > 1:
+            from .spawn import spawn_local_ranks
+
+            return spawn_local_ranks(world, argv)
+    return run_rank(cfg)
+
+
+def run_rank(cfg) -> int:
+    from .distributed import init_distributed, shutdown
+    from .trainer import train_this_rank
+
+    ctx = init_distributed(cfg.parallel.timeout_s)
+    try:
+        train_this_rank(cfg, ctx)
+    except UserError as e:
+        # Every rank hits the same config error; print it once.
+        if ctx.rank == 0:
+            for m in e.messages:
+                print(f"error: {m}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        shutdown()
+    return 0
+
+

@@ -1,0 +1,206 @@
+"""Trainer: data → backend.train_step → LR schedule → metrics → checkpoints, on every rank.
+
+The Trainer owns what is the same for every backend (data order, schedule, metrics, signals,
+checkpoint cadence); the backend (engine/native_backend.py or the DeepSpeed one) owns the step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from trellis.errors import ConfigError
+from trellis.parallel.dims import ParallelDims
+
+from .data import GlobalBatchSampler, build_dataset
+from .distributed import DistContext
+from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
+from .model import build_model, check_vocab
+from .optim import lr_at
+from .tokenizer import find_tokenizer, load_tokenizer
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGUSR1/SIGINT; acted on at the next step boundary, agreed by all ranks."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._prev = {}
+
+    def install(self) -> None:
+        for s in STOP_SIGNALS:
+            self._prev[s] = signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self.signum = signum
+
+    def agreed(self) -> int:
+        """The signal any rank received (all-reduced MAX), 0 if none."""
+        t = torch.tensor([self.signum or 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def restore(self) -> None:
+        for s, h in self._prev.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    def __init__(self, cfg, ctx: DistContext):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, ctx.world_size)
+        self.dims.build_mesh(ctx.device.type)
+        self.step = 0
+        self.tokens_seen = 0
+        self._setup()
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        model, model_dir = build_model(cfg.model, seed=cfg.train.seed, device=self.ctx.device)
+        self.model_dir = model_dir
+        self.tokenizer = load_tokenizer(find_tokenizer(model_dir, cfg.model.tokenizer))
+        check_vocab(model, self.tokenizer)
+        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        if max_pos and cfg.data.seq_len > max_pos:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max positions {max_pos}")
+        self.model_type = model.config.model_type
+        self.num_params = sum(p.numel() for p in model.parameters())
+        hold_out = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dims.dp
+        self.train_data, self.eval_data = build_dataset(cfg.data, self.tokenizer, cfg.train.seed, hold_out)
+        coord = self.dims.coordinate()
+        self.sampler = GlobalBatchSampler(self.train_data, micro_batch_size=cfg.train.micro_batch_size,
+                                          grad_accum=cfg.train.grad_accum, dp_rank=coord["dp"], dp_size=self.dims.dp)
+        inject = None
+        if cfg.peft.method != "none":
+            from .peft_inject import make_injector
+
+            inject = make_injector(cfg)
+        if cfg.zero.backend == "deepspeed":
+            from .deepspeed_backend import DeepSpeedBackend
+
+            self.backend = DeepSpeedBackend(cfg, self.ctx, self.dims, model, inject_peft=inject)
+        else:
+            from .native_backend import NativeBackend
+
+            self.backend = NativeBackend(cfg, self.ctx, self.dims, model, inject_peft=inject)
+        # Distinct data-independent randomness per rank (dropout), reproducible from the seed.
+        torch.manual_seed(cfg.train.seed + 1000 + self.ctx.rank)
+        self.checkpointer = None
+        if cfg.checkpoint.dir:
+            from .checkpoint import Checkpointer
+
+            self.checkpointer = Checkpointer(cfg, self)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        cfg = self.cfg
+        main = self.ctx.is_main
+        stop = StopRequested()
+        stop.install()
+        resumed_from = None
+        if self.checkpointer is not None:
+            resumed_from = self.checkpointer.maybe_resume()
+        writer = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
+                               resume=resumed_from is not None) if main else None
+        progress = Progress(cfg.logging.progress, cfg.train.steps, self.step) if main else None
+        timer = StepTimer()
+        t_start = time.perf_counter()
+        first_loss = last_loss = None
+        step_times: list[float] = []
+        skipped = 0
+        stopped_by = 0
+        try:
+            while self.step < cfg.train.steps:
+                lr = lr_at(self.step, cfg.train)
+                batches = self.sampler.next()
+                res = self.backend.train_step(batches, lr)
+                self.step += 1
+                self.tokens_seen += res.tokens
+                dt = timer.lap()
+                step_times.append(dt)
+                skipped += int(res.skipped)
+                first_loss = res.loss if first_loss is None else first_loss
+                last_loss = res.loss
+                rec = {"step": self.step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                       "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
+                       "step_time_s": dt, "tokens": self.tokens_seen, "skipped": res.skipped}
+                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps:
+                    rec["peak_mem_bytes"] = self._gather_peak_memory()
+                    if main:
+                        writer.write(rec)
+                        progress.update(rec)
+                if self.checkpointer is not None:
+                    self.checkpointer.after_step(self.step)
+                stopped_by = stop.agreed()
+                if stopped_by:
+                    break
+        finally:
+            if progress:
+                progress.close()
+            if writer:
+                writer.close()
+            stop.restore()
+        if self.checkpointer is not None and (stopped_by or self.step >= cfg.train.steps):
+            self.checkpointer.save(self.step, final=True)
+        wall = time.perf_counter() - t_start
+        summary = {
+            "model": f"{self.model_type} ({self.num_params / 1e6:.2f}M params)",
+            "layout": f"dp={self.dims.dp} pp={self.dims.pp} tp={self.dims.tp} zero={cfg.zero.stage} "
+                      f"backend={cfg.zero.backend}",
+            "precision": cfg.precision.dtype,
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "first_loss": first_loss,
+            "final_loss": last_loss,
+            "wall_s": wall,
+            "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
+            "mean_step_s": sum(step_times[1:]) / max(len(step_times) - 1, 1) if step_times else None,
+            "skipped_steps": skipped,
+            "loss_scale": getattr(getattr(self.backend, "scaler", None), "scale", None),
+            "metrics_file": cfg.logging.metrics_file or None,
+            "checkpoint": str(self.checkpointer.last_saved) if self.checkpointer and self.checkpointer.last_saved else None,
+            "stopped_by_signal": stopped_by or None,
+            "resumed_from": str(resumed_from) if resumed_from else None,
+        }
+        if cfg.train.eval_batches and self.eval_data is not None:
+            summary["eval_loss"] = self.evaluate()
+        table = self._gather_memory_table()
+        if main and cfg.logging.progress != "none":
+            print_summary(summary, table)
+        return summary
+
+    def evaluate(self) -> float:
+        ev = GlobalBatchSampler(self.eval_data, micro_batch_size=self.cfg.train.micro_batch_size,
+                                grad_accum=self.cfg.train.eval_batches, dp_rank=self.dims.coordinate()["dp"],
+                                dp_size=self.dims.dp)
+        return self.backend.eval_loss(ev.micro_batches(0))
+
+    def _gather_peak_memory(self) -> list[int]:
+        t = torch.tensor([peak_memory_bytes(self.ctx.device)], dtype=torch.int64)
+        out = [torch.zeros_like(t) for _ in range(self.ctx.world_size)]
+        dist.all_gather(out, t)
+        return [int(x.item()) for x in out]
+
+    def _gather_memory_table(self) -> list[dict]:
+        rep = self.backend.memory_report()
+        row = {"rank": self.ctx.rank, "params": rep["params"], "trainable": rep["trainable_params"],
+               "grads": rep.get("grads", 0), "optimizer": rep["optimizer_states"], "master": rep["master_weights"],
+               "peak": peak_memory_bytes(self.ctx.device)}
+        rows: list = [None] * self.ctx.world_size
+        dist.all_gather_object(rows, row)
+        return rows
+
+
+def train_this_rank(cfg, ctx: DistContext) -> dict:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return Trainer(cfg, ctx).train()
