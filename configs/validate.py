@@ -80,14 +80,14 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.data.seq_len < 2:
         e.append(f"data.seq_len={cfg.data.seq_len}: must be >= 2")
 
+    if pr.loss_scale != "dynamic":
+        try:
+            if float(pr.loss_scale) <= 0:
+                raise ValueError
+        except ValueError:
+            e.append(f"precision.loss_scale={pr.loss_scale!r}: fp16 needs loss scaling; use "
+                     "'dynamic' or a positive static scale like '1024'")
     if pr.dtype == "fp16":
-        if pr.loss_scale != "dynamic":
-            try:
-                if float(pr.loss_scale) <= 0:
-                    raise ValueError
-            except ValueError:
-                e.append(f"precision.loss_scale={pr.loss_scale!r}: fp16 needs loss scaling; use "
-                         "'dynamic' or a positive static scale like '1024'")
         if pr.loss_scale_window < 1:
             e.append(f"precision.loss_scale_window={pr.loss_scale_window}: must be >= 1")
         if pr.hysteresis < 1:

@@ -16,7 +16,7 @@ class StepResult:
     loss: float            # mean token loss over the global batch (same value on every rank)
     grad_norm: float       # before clipping; nan when the step was skipped
     skipped: bool          # fp16 overflow: no parameter or optimizer state changed
-    loss_scale: float | None
+    loss_scale: float | None  # fp16: the scale after this step's update (what the next step uses)
     tokens: int            # tokens in the global batch
 
 

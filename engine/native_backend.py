@@ -111,7 +111,7 @@ class NativeBackend(TrainingBackend):
             self.scaler.update(found_inf)  # raises LossScaleUnderflow at the minimum scale
             if found_inf:
                 self.optimizer.zero_grad(set_to_none=True)
-                return StepResult(loss=loss, grad_norm=math.nan, skipped=True, loss_scale=self._scale,
+                return StepResult(loss=loss, grad_norm=math.nan, skipped=True, loss_scale=self.scaler.scale,
                                   tokens=int(self._norm))
             inv = 1.0 / self._scale
             with torch.no_grad():

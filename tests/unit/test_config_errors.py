@@ -1,0 +1,156 @@
+"""Malformed configs: each gives an error naming the field, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from trellis import configs
+from trellis.cli import main
+from trellis.errors import ConfigError
+
+# (override or TOML text, the field the message must name)
+BAD_OVERRIDES = [
+    ("--train.lre=1e-3", "train.lre"),
+    ("--precison.dtype=bf16", "precison.dtype"),
+    ("--precision.dtype=fp8", "precision.dtype"),
+    ("--train.micro_batch_size=0", "train.micro_batch_size"),
+    ("--train.grad_accum=-1", "train.grad_accum"),
+    ("--train.lr=-1", "train.lr"),
+    ("--train.steps=abc", "train.steps"),
+    ("--parallel.tp=0", "parallel.tp"),
+    ("--parallel.dp=-2", "parallel.dp"),
+    ("--train.global_batch_size=7", "train.global_batch_size"),
+    ("--zero.stage=4", "zero.stage"),
+    ("--zero.offload_param=cpu", "zero.offload_param"),
+    ("--zero.offload_optimizer=nvme", "zero.offload_"),
+    ("--precision.loss_scale=banana", "precision.loss_scale"),
+    ("--activation_checkpointing.mode=partial", "activation_checkpointing.mode"),
+    ("--checkpoint.interval=10", "checkpoint.interval"),
+    ("--data.seq_len=1", "data.seq_len"),
+    ("--parallel.pp_split=3,1", "parallel.pp_split"),
+    ("--parallel.sequence_parallel=true", "parallel.sequence_parallel"),
+    ("--train.grad_clip=-1", "train.grad_clip"),
+    ("--logging.log_interval=0", "logging.log_interval"),
+    ("--train.beta2=1.5", "train.beta1/beta2"),
+    ("--checkpoint.resume=auto", "checkpoint.resume"),
+    ("--launcher.master_port=70000", "launcher.master_port"),
+    ("--zero.backend=deepspeed --parallel.tp=2", "zero.backend"),
+]
+
+
+@pytest.mark.parametrize("override,field", BAD_OVERRIDES)
+def test_bad_override_names_field_and_exits_2(override, field, capsys):
+    rc = main(["config", "show", "configs/tiny-llama.toml", *override.split()])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert field in err, err
+    assert "Traceback" not in err
+    assert all(line.startswith("error: ") for line in err.strip().splitlines()), err
+
+
+def test_more_than_twenty_distinct_malformed_configs():
+    assert len(BAD_OVERRIDES) + len(BAD_TOML) >= 20 and len(BAD_OVERRIDES) >= 20
+
+
+BAD_TOML = [
+    ("[train]\nlr = 'fast'\n", "train.lr"),
+    ("[trian]\nlr = 1e-3\n", "trian"),
+    ("[train\nlr = 1\n", "not valid TOML"),
+    ("train = 3\n", "train: must be a table"),
+    ("[peft]\nmethod = 'lokr'\nquantize_base = 'nf4'\n", "peft.method"),
+    ("[peft]\nquantize_base = 'nf4'\n", "peft.quantize_base"),
+    ("[precision]\ndtype = 'fp16'\nmin_loss_scale = 1e9\n", "precision.min_loss_scale"),
+    ("[parallel]\npp = 4\n[train]\ngrad_accum = 2\n", "train.grad_accum"),
+    ("[parallel]\ndp = -1\ntp = -1\n", "only one of dp, pp, tp"),
+    ("[zero]\nstage = 2\noffload_optimizer = 'cpu'\n", "zero.offload_optimizer"),
+]
+
+
+@pytest.mark.parametrize("text,field", BAD_TOML)
+def test_bad_toml_names_field(tmp_path, text, field, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text(text)
+    rc = main(["config", "show", str(f)])
+    err = capsys.readouterr().err
+    assert rc == 2 and field in err, err
+
+
+def test_all_errors_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        configs.load("tiny-llama", ["--train.lre=1", "--precison.dtype=bf16", "--zero.stage=9"])
+    assert len(e.value.messages) == 3
+
+
+def test_did_you_mean():
+    with pytest.raises(ConfigError, match="did you mean 'train.micro_batch_size'"):
+        configs.load("tiny-llama", ["--train.micro_batchsize=2"])
+
+
+def test_unknown_preset_suggests_close_match():
+    with pytest.raises(ConfigError, match="tiny-llama"):
+        configs.load("tiny-lama")
+
+
+def test_overrides_and_types():
+    cfg = configs.load("tiny-llama", ["--train.micro_batch_size=3", "--precision.dtype", "bf16", "--zero.stage=2",
+                                      "--peft.target_modules=q_proj,v_proj"])
+    assert cfg.train.micro_batch_size == 3 and cfg.precision.dtype == "bf16" and cfg.zero.stage == 2
+    assert cfg.peft.target_modules == ["q_proj", "v_proj"]
+
+
+def test_cli_surface_is_frozen():
+    """Renaming a key breaks users' configs: this list changes only on purpose."""
+    keys = set(configs.all_keys())
+    contract = {"parallel.dp", "parallel.tp", "parallel.pp", "zero.stage", "zero.backend", "zero.offload_optimizer",
+                "zero.offload_param", "precision.dtype", "train.micro_batch_size", "train.grad_accum", "train.steps",
+                "train.lr", "train.seed", "activation_checkpointing.mode", "peft.method", "checkpoint.dir",
+                "checkpoint.interval", "logging.metrics_file"}
+    assert contract <= keys
+
+
+def test_subprocess_error_has_no_traceback(repo):
+    p = subprocess.run([sys.executable, "-m", "trellis", "train", "configs/tiny-llama.toml", "--parallel.tp=0"],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "parallel.tp" in p.stderr and "Traceback" not in p.stderr
+
+
+DS_OK = {
+    "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
+    "gradient_clipping": 0.5,
+    "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}, "overlap_comm": True},
+    "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "loss_scale_window": 100,
+             "hysteresis": 3, "min_loss_scale": 2},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-7, "weight_decay": 0.1}},
+    "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 5, "total_num_steps": 50}},
+}
+
+
+def test_deepspeed_json_maps_onto_schema(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps(DS_OK))
+    cfg = configs.load("tiny-llama", deepspeed_json=str(f))
+    assert cfg.zero.backend == "deepspeed" and cfg.zero.stage == 2 and cfg.zero.offload_optimizer == "cpu"
+    assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.train.global_batch_size) == (4, 2, 16)
+    assert cfg.precision.dtype == "fp16" and cfg.precision.loss_scale == "dynamic"
+    assert (cfg.precision.initial_scale_power, cfg.precision.loss_scale_window, cfg.precision.hysteresis,
+            cfg.precision.min_loss_scale) == (12, 100, 3, 2.0)
+    assert (cfg.train.lr, cfg.train.beta2, cfg.train.eps, cfg.train.weight_decay) == (1e-3, 0.99, 1e-7, 0.1)
+    assert (cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps, cfg.train.grad_clip) == ("cosine", 5, 50, 0.5)
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"pipeline": {"stages": 2}}, "pipeline"),
+    ({"optimizer": {"type": "Lamb", "params": {}}}, "optimizer.type"),
+    ({"fp16": {"enabled": True, "fp16_master_weights_and_grads": True}}, "fp16.fp16_master_weights_and_grads"),
+    ({"train_batch_size": 10}, "train.global_batch_size"),
+])
+def test_deepspeed_json_field_it_cannot_honour_is_an_error(tmp_path, extra, field):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({**DS_OK, **extra}))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        configs.load("tiny-llama", deepspeed_json=str(f))
