@@ -96,7 +96,8 @@ def print_summary(summary: dict, memory_table: list[dict] | None = None, file=sy
     """One screen at the end of a run."""
     lines = ["", "─" * 72, "trellis run summary", "─" * 72]
     for k in ("model", "layout", "precision", "steps", "tokens", "first_loss", "final_loss", "wall_s",
-              "tokens_per_s", "mean_step_s", "skipped_steps", "loss_scale", "metrics_file", "checkpoint"):
+              "tokens_per_s", "mean_step_s", "skipped_steps", "loss_scale", "eval_loss", "metrics_file", "checkpoint",
+              "resumed_from", "stopped_by_signal"):
         if k in summary and summary[k] is not None:
             v = summary[k]
             if isinstance(v, float):

@@ -42,8 +42,10 @@ def _wait(procs: list[subprocess.Popen]) -> int:
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
             _kill(procs)
-            print(f"trellis: a rank exited with code {failed[0]}; stopped the other ranks", file=sys.stderr)
-            return failed[0]
+            code = failed[0]
+            why = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            print(f"trellis: a rank {why}; stopped the other ranks", file=sys.stderr)
+            return 128 - code if code < 0 else code
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.1)
