@@ -118,6 +118,7 @@ def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], dp_mesh, *
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     for m in [*blocks, model]:
         m.set_gradient_divide_factor(1.0)  # sum: the loss is normalised by the global token count
+        m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)
 
 
 def decoder_blocks(model: torch.nn.Module, spec: FamilySpec) -> list[torch.nn.Module]:
