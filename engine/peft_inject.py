@@ -1,0 +1,72 @@
+"""PEFT adapters injected into the full model *before* it is partitioned.
+
+peft's own layers and configs are used (`inject_adapter_in_model`, in place, so the model keeps its
+structure and parameter names gain only `.base_layer` / `.lora_A.default` style suffixes); the base is
+frozen, so only adapter parameters reach grads, the optimizer and checkpoints' trainable state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trellis.errors import ConfigError
+
+INJECTABLE = ("lora", "rslora", "dora", "qlora", "ia3", "lokr", "loha", "adalora", "hra")
+PROMPT_LEARNING = ("prefix", "prompt", "ptuning", "ptuning_v2")
+
+
+def _require_peft():
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("peft.method needs the peft package: pip install 'trellis-train[peft]'") from None
+
+
+def build_peft_config(cfg, spec, total_steps: int):
+    """The peft config object for `cfg.peft` with the family's default targets."""
+    _require_peft()
+    import peft
+
+    p = cfg.peft
+    targets = list(p.target_modules) or list(spec.default_lora_targets)
+    m = p.method
+    if m in ("lora", "rslora", "dora", "qlora"):
+        return peft.LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets,
+                               use_rslora=m == "rslora", use_dora=m == "dora", task_type="CAUSAL_LM")
+    if m == "ia3":
+        mlp_in = [t for t in targets if any(k in t for k in ("up_proj", "gate_proj", "down_proj", "fc", "mlp", "4h"))]
+        return peft.IA3Config(target_modules=targets, feedforward_modules=mlp_in, task_type="CAUSAL_LM")
+    if m == "adalora":
+        return peft.AdaLoraConfig(init_r=p.r, target_r=max(p.r // 2, 1), lora_alpha=p.alpha, target_modules=targets,
+                                  total_step=total_steps, task_type="CAUSAL_LM")
+    if m == "lokr":
+        return peft.LoKrConfig(r=p.r, alpha=p.alpha, target_modules=targets, task_type="CAUSAL_LM")
+    if m == "loha":
+        return peft.LoHaConfig(r=p.r, alpha=p.alpha, target_modules=targets, task_type="CAUSAL_LM")
+    if m == "hra":
+        return peft.HRAConfig(r=p.r, target_modules=targets, task_type="CAUSAL_LM")
+    raise ConfigError(f"peft.method={m!r} (prompt learning) is not supported by the partitioned engine yet; "
+                      f"use one of {', '.join(INJECTABLE)}")
+
+
+def make_injector(cfg):
+    """`inject(model, spec)` for parallelize(): adds adapters in place and freezes the base."""
+
+    def inject(model: torch.nn.Module, spec) -> None:
+        from peft import inject_adapter_in_model
+
+        pc = build_peft_config(cfg, spec, cfg.train.steps)
+        inject_adapter_in_model(pc, model)
+        for n, prm in model.named_parameters():
+            prm.requires_grad_(_is_adapter_param(n))
+        if not any(prm.requires_grad for prm in model.parameters()):
+            raise ConfigError(f"peft.target_modules={pc.target_modules}: no module of the model matched")
+
+    return inject
+
+
+_ADAPTER_KEYS = ("lora_", "ia3_", "hada_", "lokr_", "hra_", "lora_magnitude_vector", "ranknum")
+
+
+def _is_adapter_param(name: str) -> bool:
+    return any(k in name for k in _ADAPTER_KEYS) and "base_layer" not in name.split(".")[-1]
