@@ -178,3 +178,35 @@ class NativeBackend(TrainingBackend):
             # is low precision (FSDP2 casts a transient low-precision copy for compute).
             "master_weights": trainable if self.dtype_name != "fp32" else 0,
         }
+
+    # ---- checkpoint state (layout independent: FQN keys, DCP reshards on load) ----------------------
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        inner = getattr(self.optimizer, "inner", self.optimizer)  # ZeRO-1: this rank's share
+        return [inner] if inner is not None else []
+
+    def _state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # PEFT: only adapters are trainable state; the frozen base comes from model.path.
+        return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
+
+    def _current_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        opts = self._optimizers()
+        model_sd, optim_sd = get_state_dict(self.module, opts, options=self._state_options())
+        return {"model": model_sd, "optim": optim_sd if opts else {}}
+
+    def save_state(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._current_state(), checkpoint_id=str(path))
+
+    def load_state(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._current_state()
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.module, self._optimizers(), model_state_dict=state["model"],
+                       optim_state_dict=state["optim"], options=self._state_options())

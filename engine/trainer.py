@@ -74,6 +74,7 @@ class Trainer:
         if max_pos and cfg.data.seq_len > max_pos:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max positions {max_pos}")
         self.model_type = model.config.model_type
+        self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
         hold_out = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dims.dp
         self.train_data, self.eval_data = build_dataset(cfg.data, self.tokenizer, cfg.train.seed, hold_out)

@@ -14,6 +14,7 @@ from trellis.errors import UserError
 _COMMAND_MODULES = [
     "trellis.commands.train",
     "trellis.commands.config",
+    "trellis.commands.checkpoint",
 ]
 
 

@@ -1,0 +1,63 @@
+"""Offline conversion of a native checkpoint (no process group needed): full fp32 weights, HF directory."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trellis.errors import CheckpointError
+
+from . import checkpoint_io as io
+
+
+def full_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """Unsharded model tensors (FQN -> tensor) of a native checkpoint, whatever layout wrote it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    meta = io.verify(path)
+    if meta.get("zero", {}).get("backend") == "deepspeed":
+        raise CheckpointError(f"{path}: written by the deepspeed backend; convert it with its fp32/universal tools")
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "full.pt"
+        dcp_to_torch_save(str(path / "state"), str(out))
+        state = torch.load(out, weights_only=True, map_location="cpu")
+    if isinstance(state.get("model"), dict):  # DCP keeps the nesting of what we saved
+        return dict(state["model"])
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+
+
+def to_fp32_safetensors(path: Path, out: Path) -> Path:
+    from safetensors.torch import save_file
+
+    sd = {k: v.float().contiguous() for k, v in full_model_state(path).items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(out / "model.safetensors"))
+    return out / "model.safetensors"
+
+
+def to_hf(path: Path, out: Path) -> Path:
+    """A directory `AutoModelForCausalLM.from_pretrained` loads (full fine-tuning checkpoints)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = io.verify(path)
+    if meta.get("peft", "none") != "none":
+        raise CheckpointError(f"{path}: a PEFT checkpoint holds adapters only; use `trellis export adapter` / `merged`")
+    hf = dict(meta["hf_config"])
+    config = AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    sd = full_model_state(path)
+    missing = set(model.state_dict()) - set(sd)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if missing - tied:
+        raise CheckpointError(f"{path}: checkpoint lacks {sorted(missing - tied)[:5]}")
+    model.load_state_dict(sd, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    (out / "trellis_checkpoint.json").write_text(json.dumps({"source": str(path), "step": meta["step"]}))
+    return out
