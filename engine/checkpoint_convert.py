@@ -49,7 +49,9 @@ def to_hf(path: Path, out: Path) -> Path:
     config = AutoConfig.for_model(**hf)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    sd = full_model_state(path)
+    from trellis.parallel.hf_surgery import to_hf_state_dict
+
+    sd = to_hf_state_dict(full_model_state(path), config.model_type)
     missing = set(model.state_dict()) - set(sd)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if missing - tied:

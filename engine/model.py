@@ -9,6 +9,8 @@ import torch
 
 from trellis.errors import ConfigError
 
+# Families transformers cannot run with sdpa attention.
+_NO_SDPA = ("bloom",)
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
@@ -68,13 +70,15 @@ def build_model(model_cfg, *, seed: int, device: str | torch.device = "cpu"):
     pretrained = model_cfg.init == "pretrained" or (model_cfg.init == "auto" and has_weights(model_dir))
     if model_cfg.init == "pretrained" and not has_weights(model_dir):
         raise ConfigError(f"model.init='pretrained' but {model_dir} has no weights ({', '.join(_WEIGHT_FILES)})")
+    attn = model_cfg.attn_implementation
+    if attn == "sdpa" and hf_config.model_type in _NO_SDPA:
+        attn = "eager"  # e.g. BLOOM: ALiBi needs the eager path (its model-level mask is causal)
     if pretrained:
         model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), config=hf_config, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation)
+            str(model_dir), config=hf_config, dtype=torch.float32, attn_implementation=attn)
     else:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(
-            hf_config, dtype=torch.float32, attn_implementation=model_cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     return model.to(device), model_dir
 

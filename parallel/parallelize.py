@@ -20,6 +20,7 @@ from trellis.errors import ConfigError
 from .activation_checkpoint import apply_activation_checkpointing
 from .data_parallel import apply_fsdp, decoder_blocks
 from .dims import ParallelDims, validate_model_dims
+from .hf_surgery import prepare_model
 from .models import FamilySpec, family_for
 
 
@@ -53,6 +54,9 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
     mesh = dims.mesh
     z = cfg.zero
 
+    # 0. family surgery that every layout shares (GPT-2 Conv1D -> Linear, unfused c_attn)
+    prepare_model(model, spec)
+
     # 2 before 1 in code order: adapters must exist before the base is sharded, so the TP plan can
     # shard lora_A/lora_B with their base layer (injecting after DTensor TP is silently wrong).
     if inject_peft is not None:
@@ -63,7 +67,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
     if dims.tp_enabled:
         from .tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=cfg.parallel.sequence_parallel)
+        apply_tensor_parallel(model, mesh["tp"], spec)
         loss_parallel = True
 
     # 3. pipeline split

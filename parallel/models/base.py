@@ -27,7 +27,6 @@ class FamilySpec:
     # Tensor-parallel styles for modules inside a decoder block:
     #   "colwise"  - out-features sharded (Linear weight Shard(0))
     #   "rowwise"  - in-features sharded, output all-reduced
-    #   "colwise_qkv_concat" - fused [q|k|v] on out-features: each of q, k, v sharded separately
     #   "colwise_qkv_headmajor" - fused per-head [h, 3, d] layout: contiguous sharding keeps whole heads
     tp_plan: dict[str, str] = field(default_factory=dict)
     # Modules whose parameters are LoRA/adapter targets by default.

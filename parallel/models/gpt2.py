@@ -12,11 +12,14 @@ SPEC = FamilySpec(
     final_norm="transformer.ln_f",
     attention="attn",
     tp_plan={
-        "attn.c_attn": "colwise_qkv_concat",
+        # c_attn is unfused into q/k/v Linears by parallel/hf_surgery.py (every layout)
+        "attn.c_attn.q": "colwise",
+        "attn.c_attn.k": "colwise",
+        "attn.c_attn.v": "colwise",
         "attn.c_proj": "rowwise",
         "mlp.c_fc": "colwise",
         "mlp.c_proj": "rowwise",
     },
-    default_lora_targets=("c_attn", "c_proj", "c_fc"),
+    default_lora_targets=("c_attn.q", "c_attn.k", "c_attn.v", "c_proj", "c_fc"),
     conv1d=True,
 )
