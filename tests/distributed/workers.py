@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 
 def train_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
@@ -29,8 +30,17 @@ def train_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
         if rank == 0 and cfg.logging.metrics_file:
             losses = [json.loads(line) for line in Path(cfg.logging.metrics_file).read_text().splitlines()]
         module = trainer.backend.module
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # cpu_offload=True would leave non-zero ranks empty; every pipeline stage must report its part.
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+        full = {k: v.detach().cpu().clone() for k, v in full.items()}
+        # Pipeline stages hold different parameters: merge every rank's full state on rank 0.
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, full if trainer.dims.pp > 1 else {})
+        if trainer.dims.pp > 1:
+            full = {}
+            for part in parts:
+                full.update(part)
         dtypes = {n: str(p.dtype) for n, p in module.named_parameters()}
-        out.append({"records": losses, "state": {k: v.clone() for k, v in full.items()} if rank == 0 else None,
+        out.append({"records": losses, "state": full if rank == 0 else None,
                     "summary": summary, "param_dtypes": dtypes, "memory": trainer.backend.memory_report()})
     return out

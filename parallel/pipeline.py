@@ -1,0 +1,226 @@
+"""Pipeline parallel with torch.distributed.pipelining: one stage per rank on the "pp" mesh axis.
+
+A stage module keeps the ORIGINAL fully-qualified parameter names ("model.layers.3.mlp.up_proj.weight"):
+the decoder-block ModuleList becomes a ModuleDict keyed by the original index and modules of other
+stages are deleted, so checkpoints load on any layout. Tied input/output embeddings (GPT-2, OPT, BLOOM)
+become two copies, on the first and the last stage; their gradients are summed across the pp group
+before every optimizer step, so the copies stay identical.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trellis.errors import ConfigError
+
+from . import stage_forward
+from .models.base import FamilySpec
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def split_layers(num_layers: int, pp: int, mode: str, layer_params: list[int] | None = None,
+                 first_extra: int = 0, last_extra: int = 0) -> list[range]:
+    """Layer ranges per stage: "even" by count, "params" balancing parameter counts (embedding counted on
+    the first stage, head on the last), or explicit split points "2,4"."""
+    if pp > num_layers:
+        raise ConfigError(f"parallel.pp={pp} is more than the model's {num_layers} layers")
+    if mode == "even":
+        base, rem = divmod(num_layers, pp)
+        sizes = [base + (1 if s < rem else 0) for s in range(pp)]
+    elif mode == "params":
+        if layer_params is None:
+            raise ValueError("params split needs layer_params")
+        sizes = _balance(layer_params, pp, first_extra, last_extra)
+    else:
+        try:
+            points = [int(x) for x in mode.split(",")]
+        except ValueError:
+            raise ConfigError(f"parallel.pp_split={mode!r}: use 'even', 'params' or layer indices like '2,4'") from None
+        if len(points) != pp - 1 or points != sorted(set(points)) or points[0] <= 0 or points[-1] >= num_layers:
+            raise ConfigError(f"parallel.pp_split={mode!r}: need {pp - 1} increasing split points between 1 and "
+                              f"{num_layers - 1} for {pp} stages of {num_layers} layers")
+        bounds = [0, *points, num_layers]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    out, start = [], 0
+    for n in sizes:
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+def _balance(layer_params: list[int], pp: int, first_extra: int, last_extra: int) -> list[int]:
+    """Contiguous partition minimising the largest stage (every stage gets >= 1 layer)."""
+    n = len(layer_params)
+    best: tuple[int, list[int]] | None = None
+
+    def cost(sizes: list[int]) -> int:
+        i, worst = 0, 0
+        for s, size in enumerate(sizes):
+            c = sum(layer_params[i:i + size]) + (first_extra if s == 0 else 0) + (last_extra if s == pp - 1 else 0)
+            worst, i = max(worst, c), i + size
+        return worst
+
+    def rec(prefix: list[int], remaining: int, stages_left: int):
+        nonlocal best
+        if stages_left == 1:
+            sizes = prefix + [remaining]
+            c = cost(sizes)
+            if best is None or c < best[0]:
+                best = (c, sizes)
+            return
+        for k in range(1, remaining - stages_left + 2):
+            rec(prefix + [k], remaining - k, stages_left - 1)
+
+    rec([], n, pp)
+    return best[1]
+
+
+class StageModule(nn.Module):
+    """This rank's part of the model, with the original parameter names."""
+
+    def __init__(self, model: nn.Module, spec: FamilySpec, layer_range: range, is_first: bool, is_last: bool):
+        super().__init__()
+        self.spec = spec
+        self.is_first, self.is_last = is_first, is_last
+        self.config = model.config
+        layers = model.get_submodule(spec.layers)
+        kept = nn.ModuleDict({str(i): layers[i] for i in layer_range})
+        parent_path, _, attr = spec.layers.rpartition(".")
+        setattr(model.get_submodule(parent_path), attr, kept)
+        drop = []
+        if not is_first:
+            drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm]
+        if not is_last:
+            drop += [spec.final_norm, spec.lm_head]
+        for path in filter(None, drop):
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, None)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "_block_list", list(kept.values()))  # not registered twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = stage_forward.embed(self, self.spec, x) if self.is_first else x
+        h = stage_forward.run_blocks(self, self.spec, self._block_list, h)
+        return stage_forward.head(self, self.spec, h) if self.is_last else h
+
+
+class Pipeline:
+    def __init__(self, stage: StageModule, pp_mesh, *, schedule: str, n_microbatches: int, loss_fn, device,
+                 tied: bool):
+        self.stage_module = stage
+        self.stage_modules = [stage]
+        self.pp_mesh = pp_mesh
+        self.pp_group = pp_mesh.get_group()
+        self.pp_rank = pp_mesh.get_local_rank()
+        self.pp = pp_mesh.size()
+        self.is_first, self.is_last = stage.is_first, stage.is_last
+        self.schedule_name = schedule
+        self.n_microbatches = n_microbatches
+        self.loss_fn = loss_fn
+        self.device = device
+        self.tied = tied
+        self._schedule = None
+
+    # --- built after the caller wrapped the stage (activation checkpointing, FSDP2) ---------------
+    def make_schedule(self) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        if self.schedule_name == "interleaved_1f1b":
+            raise ConfigError("parallel.pp_schedule='interleaved_1f1b' is not supported yet; use '1f1b' or 'gpipe'")
+        self._stage = PipelineStage(self.stage_module, self.pp_rank, self.pp, self.device, group=self.pp_group)
+        cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+        self._schedule = cls(self._stage, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn,
+                             scale_grads=False)
+        self._eval_schedule = ScheduleGPipe(
+            PipelineStage(self.stage_module, self.pp_rank, self.pp, self.device, group=self.pp_group),
+            n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
+
+    def _run(self, schedule, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
+        losses: list[torch.Tensor] = []
+        if self.is_first and self.is_last:
+            raise RuntimeError("a pipeline needs pp > 1")
+        if self.is_first:
+            schedule.step(input_ids)
+        elif self.is_last:
+            schedule.step(target=labels, losses=losses)
+        else:
+            schedule.step()
+        if not self.is_last:
+            return None
+        total = sum(float((x.full_tensor() if hasattr(x, "full_tensor") else x).detach()) for x in losses)
+        return total
+
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
+        return self._run(self._schedule, input_ids, labels)
+
+    @torch.no_grad()
+    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
+        if self.is_first:
+            self._eval_schedule.eval(input_ids)
+            return None
+        losses: list[torch.Tensor] = []
+        if self.is_last:
+            self._eval_schedule.eval(target=labels, losses=losses)
+            return sum(float((x.full_tensor() if hasattr(x, "full_tensor") else x).detach()) for x in losses)
+        self._eval_schedule.eval()
+        return None
+
+    # --- tied embeddings ---------------------------------------------------------------------------
+    def _tied_param(self) -> nn.Parameter | None:
+        spec = self.stage_module.spec
+        if self.is_first:
+            return self.stage_module.get_submodule(spec.embed_tokens).weight
+        if self.is_last:
+            return self.stage_module.get_submodule(spec.lm_head).weight
+        return None
+
+    @torch.no_grad()
+    def sync_tied_grads(self) -> None:
+        """Sum the tied weight's gradient of the first and last stage (pp == 2 when tied)."""
+        if not self.tied:
+            return
+        from torch.distributed.tensor import DTensor
+
+        p = self._tied_param()
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            # a vocab-parallel embedding's grad can come back Replicate; match the weight's sharding
+            g = g.redistribute(p.device_mesh, p.placements)
+            p.grad = g
+        dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.pp_group)
+
+    def tied_duplicate_params(self) -> list[nn.Parameter]:
+        """The last stage's copy of a tied weight (counted once, on the first stage, for the grad norm)."""
+        if self.tied and self.is_last:
+            return [self._tied_param()]
+        return []
+
+
+def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str, n_microbatches: int,
+                   split_mode: str, loss_fn) -> Pipeline:
+    layers = model.get_submodule(spec.layers)
+    n = len(layers)
+    pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    layer_params = [sum(p.numel() for p in b.parameters()) for b in layers]
+    first_extra = sum(p.numel() for p in model.get_submodule(spec.embed_tokens).parameters())
+    last_extra = sum(p.numel() for p in model.get_submodule(spec.lm_head).parameters())
+    ranges = split_layers(n, pp, split_mode, layer_params, first_extra, last_extra)
+    tied = model.get_submodule(spec.lm_head).weight is model.get_submodule(spec.embed_tokens).weight
+    if tied and pp > 2:
+        raise ConfigError(f"parallel.pp={pp}: tied input/output embeddings ({spec.name}) are supported with "
+                          "parallel.pp=2 only for now")
+    if tied and rank == pp - 1:
+        # The last stage keeps its own copy of the tied weight (equal values; grads summed each step).
+        head = model.get_submodule(spec.lm_head)
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    stage = StageModule(model, spec, ranges[rank], is_first=rank == 0, is_last=rank == pp - 1)
+    device = next(stage.parameters()).device
+    pipe = Pipeline(stage, pp_mesh, schedule=schedule, n_microbatches=n_microbatches, loss_fn=loss_fn,
+                    device=device, tied=tied)
+    return pipe
