@@ -202,6 +202,12 @@ class Pipeline:
         return []
 
 
+def build_stage_module(model: nn.Module, spec: FamilySpec, stage_idx: int, num_stages: int,
+                       layer_range: range) -> StageModule:
+    """This stage's module (original FQNs); `model` is consumed (other stages' modules are deleted)."""
+    return StageModule(model, spec, layer_range, is_first=stage_idx == 0, is_last=stage_idx == num_stages - 1)
+
+
 def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str, n_microbatches: int,
                    split_mode: str, loss_fn) -> Pipeline:
     layers = model.get_submodule(spec.layers)
@@ -219,7 +225,7 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
         # The last stage keeps its own copy of the tied weight (equal values; grads summed each step).
         head = model.get_submodule(spec.lm_head)
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    stage = StageModule(model, spec, ranges[rank], is_first=rank == 0, is_last=rank == pp - 1)
+    stage = build_stage_module(model, spec, rank, pp, ranges[rank])
     device = next(stage.parameters()).device
     pipe = Pipeline(stage, pp_mesh, schedule=schedule, n_microbatches=n_microbatches, loss_fn=loss_fn,
                     device=device, tied=tied)
