@@ -9,6 +9,8 @@ before every optimizer step, so the copies stay identical.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -109,15 +111,20 @@ class StageModule(nn.Module):
 
 
 class Pipeline:
-    def __init__(self, stage: StageModule, pp_mesh, *, schedule: str, n_microbatches: int, loss_fn, device,
-                 tied: bool):
-        self.stage_module = stage
-        self.stage_modules = [stage]
+    """This rank's stages: one, or two virtual stages (rank and rank + pp) for interleaved 1F1B."""
+
+    def __init__(self, stages: list[StageModule], stage_ids: list[int], num_stages: int, pp_mesh, *,
+                 schedule: str, n_microbatches: int, loss_fn, device, tied: bool):
+        self.stage_module = stages[0]
+        self.stage_modules = list(stages)
+        self.stage_ids = stage_ids
+        self.num_stages = num_stages
         self.pp_mesh = pp_mesh
         self.pp_group = pp_mesh.get_group()
         self.pp_rank = pp_mesh.get_local_rank()
         self.pp = pp_mesh.size()
-        self.is_first, self.is_last = stage.is_first, stage.is_last
+        self.is_first = any(m.is_first for m in stages)
+        self.is_last = any(m.is_last for m in stages)
         self.schedule_name = schedule
         self.n_microbatches = n_microbatches
         self.loss_fn = loss_fn
@@ -127,17 +134,21 @@ class Pipeline:
 
     # --- built after the caller wrapped the stage (activation checkpointing, FSDP2) ---------------
     def make_schedule(self) -> None:
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
+                                                  ScheduleInterleaved1F1B)
 
+        def stages():
+            return [PipelineStage(m, i, self.num_stages, self.device, group=self.pp_group)
+                    for m, i in zip(self.stage_modules, self.stage_ids)]
+
+        kw = dict(n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
         if self.schedule_name == "interleaved_1f1b":
-            raise ConfigError("parallel.pp_schedule='interleaved_1f1b' is not supported yet; use '1f1b' or 'gpipe'")
-        self._stage = PipelineStage(self.stage_module, self.pp_rank, self.pp, self.device, group=self.pp_group)
-        cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
-        self._schedule = cls(self._stage, n_microbatches=self.n_microbatches, loss_fn=self.loss_fn,
-                             scale_grads=False)
-        self._eval_schedule = ScheduleGPipe(
-            PipelineStage(self.stage_module, self.pp_rank, self.pp, self.device, group=self.pp_group),
-            n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
+            self._schedule = ScheduleInterleaved1F1B(stages(), **kw)
+            self._eval_schedule = ScheduleInterleaved1F1B(stages(), **kw)
+        else:
+            cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+            self._schedule = cls(stages()[0], **kw)
+            self._eval_schedule = ScheduleGPipe(stages()[0], **kw)
 
     def _run(self, schedule, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
         losses: list[torch.Tensor] = []
@@ -172,10 +183,11 @@ class Pipeline:
     # --- tied embeddings ---------------------------------------------------------------------------
     def _tied_param(self) -> nn.Parameter | None:
         spec = self.stage_module.spec
-        if self.is_first:
-            return self.stage_module.get_submodule(spec.embed_tokens).weight
-        if self.is_last:
-            return self.stage_module.get_submodule(spec.lm_head).weight
+        for m in self.stage_modules:
+            if m.is_first:
+                return m.get_submodule(spec.embed_tokens).weight
+            if m.is_last:
+                return m.get_submodule(spec.lm_head).weight
         return None
 
     @torch.no_grad()
@@ -210,13 +222,22 @@ def build_stage_module(model: nn.Module, spec: FamilySpec, stage_idx: int, num_s
 
 def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str, n_microbatches: int,
                    split_mode: str, loss_fn) -> Pipeline:
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
     layers = model.get_submodule(spec.layers)
     n = len(layers)
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    # interleaved 1F1B: 2 virtual stages per rank, stage ids rank and rank + pp (round-robin placement)
+    virtual = 2 if schedule == "interleaved_1f1b" else 1
+    num_stages = pp * virtual
+    if virtual > 1 and (n < num_stages or n_microbatches % pp):
+        raise ConfigError(f"parallel.pp_schedule='interleaved_1f1b' needs >= {num_stages} layers (model has {n}) "
+                          f"and micro-batches (train.grad_accum={n_microbatches}) divisible by parallel.pp={pp}; "
+                          "use '1f1b' otherwise")
     layer_params = [sum(p.numel() for p in b.parameters()) for b in layers]
     first_extra = sum(p.numel() for p in model.get_submodule(spec.embed_tokens).parameters())
     last_extra = sum(p.numel() for p in model.get_submodule(spec.lm_head).parameters())
-    ranges = split_layers(n, pp, split_mode, layer_params, first_extra, last_extra)
+    ranges = split_layers(n, num_stages, split_mode, layer_params, first_extra, last_extra)
     tied = model.get_submodule(spec.lm_head).weight is model.get_submodule(spec.embed_tokens).weight
     if tied and pp > 2:
         raise ConfigError(f"parallel.pp={pp}: tied input/output embeddings ({spec.name}) are supported with "
@@ -225,8 +246,10 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
         # The last stage keeps its own copy of the tied weight (equal values; grads summed each step).
         head = model.get_submodule(spec.lm_head)
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    stage = build_stage_module(model, spec, rank, pp, ranges[rank])
-    device = next(stage.parameters()).device
-    pipe = Pipeline(stage, pp_mesh, schedule=schedule, n_microbatches=n_microbatches, loss_fn=loss_fn,
-                    device=device, tied=tied)
-    return pipe
+    stage_ids = [rank + v * pp for v in range(virtual)]
+    # each virtual stage consumes its own copy of the model (copies made before any is cut)
+    sources = [model] + [copy.deepcopy(model) for _ in stage_ids[1:]]
+    stages = [build_stage_module(src, spec, i, num_stages, ranges[i]) for src, i in zip(sources, stage_ids)]
+    device = next(stages[0].parameters()).device
+    return Pipeline(stages, stage_ids, num_stages, pp_mesh, schedule=schedule, n_microbatches=n_microbatches,
+                    loss_fn=loss_fn, device=device, tied=tied)

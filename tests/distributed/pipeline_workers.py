@@ -71,11 +71,12 @@ def pipeline_checks(rank: int, world: int, cases: list[tuple[str, str, bool]]) -
         loss_fn = _loss_fn(BATCH * SEQ)
         pipe = build_pipeline(model, spec, pp_mesh, schedule=schedule, n_microbatches=MICRO, split_mode="even",
                               loss_fn=loss_fn)
-        stage = pipe.stage_modules[0]
-        res = {"causal_delta": _causality(stage, pipe.is_first, vocab, model.config.hidden_size)}
+        hidden = ref.config.hidden_size
+        res = {"causal_delta": max(_causality(m, m.is_first, vocab, hidden) for m in pipe.stage_modules)}
+        params = [(n, p) for m in pipe.stage_modules for n, p in m.named_parameters()]
         pipe.make_schedule()
         ref_params = dict(ref.named_parameters(remove_duplicate=False))
-        opt = torch.optim.SGD(stage.parameters(), lr=0.5)
+        opt = torch.optim.SGD([p for _, p in params], lr=0.5)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
         res["loss_delta"], res["grad_delta"], res["weight_delta"] = [], [], []
         for _ in range(2 if full else 1):
@@ -89,15 +90,21 @@ def pipeline_checks(rank: int, world: int, cases: list[tuple[str, str, bool]]) -
                 res["loss_delta"].append(abs(loss - ref_loss.item()))
             else:
                 assert loss is None
-            names = [n for n, _ in stage.named_parameters()]
+            names = [n for n, _ in params]
             assert names and all(n in ref_params for n in names), names
             res["grad_delta"].append(max((p.grad - ref_params[n].grad).abs().max().item()
-                                         for n, p in stage.named_parameters()))
+                                         for n, p in params))
             opt.step()
             ref_opt.step()
             res["weight_delta"].append(max((p - ref_params[n]).abs().max().item()
-                                           for n, p in stage.named_parameters()))
-        res["param_names"] = sorted(n for n, _ in stage.named_parameters())
+                                           for n, p in params))
+        assert len(names) == len(set(names)), "virtual stages of one rank must not share parameters"
+        assert len(pipe.stage_modules) == (2 if schedule == "interleaved_1f1b" else 1)
+        ev = pipe.eval_step(ids, labels)  # forward-only loss with the updated weights
+        with torch.no_grad():
+            ref_ev = loss_fn(ref(input_ids=ids).logits, labels).item()
+        res["eval_delta"] = abs(ev - ref_ev) if pipe.is_last else 0.0
+        res["param_names"] = sorted(names)
         if pipe.tied:
             res["tied_copy"] = pipe._tied_param().detach().clone()
         out[f"{name} {schedule}"] = res

@@ -95,7 +95,8 @@ def test_split_layers_modes():
 def test_pipeline_api_grads_equal_reference_per_fqn():
     """build_pipeline alone on 2 gloo ranks: loss, per-FQN grads and two SGD steps equal the unsharded model;
     every stage is causal; GPT-2's tied copies stay bit-identical. One spawned group for all checks."""
-    cases = [("tiny-llama", "gpipe", True), ("tiny-llama", "1f1b", True), ("tiny-gpt2", "1f1b", True),
+    cases = [("tiny-llama", "gpipe", True), ("tiny-llama", "1f1b", True), ("tiny-llama", "interleaved_1f1b", True),
+             ("tiny-gpt2", "1f1b", True), ("tiny-gpt2", "interleaved_1f1b", True),
              ("tiny-opt", "1f1b", False), ("tiny-bloom", "gpipe", False), ("tiny-neox", "1f1b", False)]
     ranks = run_ranks(2, pipeline_checks, cases, timeout=240)
     for label in ranks[0]:
@@ -109,5 +110,6 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
         print(f"{label}: |dloss| {dl:.2e}, |dgrad| {dg:.2e}, |dw| {dw:.2e}, causal leak {dc:.2e}")
         assert dl <= 1e-5 and dg <= 1e-5 and dw <= 1e-5, label
         assert dc == 0.0, label
+        assert last["eval_delta"] <= 1e-5, label
         if "tied_copy" in first:
             assert torch.equal(first["tied_copy"], last["tied_copy"]), label
