@@ -1,0 +1,137 @@
+"""Measure per-rank memory from live objects, in the same keys as the estimator's JSON.
+
+Used to validate `engine.memory` against reality: parameters and gradients from live tensors (DTensor
+shards via `.to_local()`), optimizer state by walking `optimizer.state`, and activations as the bytes of the
+unique storages autograd saves for backward (`torch.autograd.graph.saved_tensors_hooks`). Parameter
+storages are excluded from activations: autograd saves weights by reference, they are not new memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    t = _local(t)
+    return t.numel() * t.element_size()
+
+
+def _is_quantized_param(p: torch.Tensor) -> bool:
+    # bitsandbytes Params4bit: packed uint8 data + a quant_state holding absmax (and nested constants).
+    return getattr(p, "quant_state", None) is not None
+
+
+def _quant_state_bytes(p: torch.Tensor) -> int:
+    qs = p.quant_state
+    n = _nbytes(qs.absmax)
+    if getattr(qs, "nested", False) and getattr(qs, "state2", None) is not None:
+        n += _nbytes(qs.state2.absmax) + _nbytes(qs.offset)
+    return n
+
+
+def param_bytes(model: torch.nn.Module) -> dict:
+    """Bytes of this rank's parameters: total, by dtype, trainable vs frozen (4-bit constants included)."""
+    by_dtype: dict[str, int] = {}
+    trainable = frozen = 0
+    for p in model.parameters():
+        n = _nbytes(p)
+        if _is_quantized_param(p):
+            n += _quant_state_bytes(p)
+            key = "4bit"
+        else:
+            key = str(_local(p).dtype).removeprefix("torch.")
+        by_dtype[key] = by_dtype.get(key, 0) + n
+        if p.requires_grad:
+            trainable += n
+        else:
+            frozen += n
+    return {"total": trainable + frozen, "by_dtype": by_dtype, "trainable": trainable, "frozen": frozen}
+
+
+def grad_bytes(model: torch.nn.Module) -> int:
+    return sum(_nbytes(p.grad) for p in model.parameters() if p.grad is not None)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Every tensor in `optimizer.state` (Adam m and v, 8-bit quantization constants), local shards only.
+
+    0-dim `step` counters are excluded: they are bookkeeping, not per-parameter state.
+    """
+    total = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                total += _nbytes(v)
+    return total
+
+
+@dataclass
+class SavedTensorMeter:
+    """Counts the unique storages autograd saves while active; `peak` = their bytes at end of forward.
+
+    Only storages that are not parameters count (weights are saved by reference). Call inside forward
+    only: the saved tensors are freed by backward, so their total right before backward is the peak.
+    """
+
+    exclude: set[int] = field(default_factory=set)
+    storages: dict[int, int] = field(default_factory=dict)
+    by_dtype: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> "SavedTensorMeter":
+        ex = set()
+        for p in model.parameters():
+            ex.add(_local(p.data).untyped_storage().data_ptr())
+        for b in model.buffers():
+            ex.add(b.untyped_storage().data_ptr())
+        return cls(exclude=ex)
+
+    def _pack(self, t: torch.Tensor):
+        lt = _local(t)
+        if lt.device.type != "meta" and lt.numel() > 0:
+            st = lt.untyped_storage()
+            key = st.data_ptr()
+            if key not in self.exclude and key not in self.storages:
+                self.storages[key] = st.nbytes()
+                d = str(lt.dtype).removeprefix("torch.")
+                self.by_dtype[d] = self.by_dtype.get(d, 0) + st.nbytes()
+        return t
+
+    @contextlib.contextmanager
+    def track(self):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            yield self
+
+    @property
+    def peak(self) -> int:
+        return sum(self.storages.values())
+
+
+def measure_model_states(model: torch.nn.Module, optimizer=None) -> dict:
+    """Per-rank model-state bytes with the estimator's keys (params, grads, optimizer_states, ...).
+
+    Call after backward (grads live) and after one optimizer step (state allocated). `master_weights` is
+    what an optimizer wrapper keeps as fp32 copies outside `optimizer.state` (exposed as `master_params`);
+    the native backend keeps none: its fp32 params are the master weights.
+    """
+    pb = param_bytes(model)
+    opt_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
+    master = 0
+    for p in getattr(optimizer, "master_params", []) or []:
+        master += _nbytes(p)
+    return {
+        "params": pb["total"],
+        "params_by_dtype": pb["by_dtype"],
+        "trainable_params": pb["trainable"],
+        "grads": grad_bytes(model),
+        "optimizer_states": opt_bytes,
+        "master_weights": master,
+    }
