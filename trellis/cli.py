@@ -15,6 +15,7 @@ _COMMAND_MODULES = [
     "trellis.commands.train",
     "trellis.commands.config",
     "trellis.commands.checkpoint",
+    "trellis.commands.memory",
 ]
 
 
