@@ -65,6 +65,13 @@ def init_distributed(timeout_s: float) -> DistContext:
                        launcher=source)
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Tear the group down. On a clean exit every rank first meets at a barrier, so no rank destroys
+    its gloo transport while a peer still has traffic in flight (seen as rare aborts at exit)."""
     if dist.is_initialized():
+        if clean:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass
         dist.destroy_process_group()

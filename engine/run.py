@@ -33,8 +33,10 @@ def run_rank(cfg) -> int:
     from .trainer import train_this_rank
 
     ctx = init_distributed(cfg.parallel.timeout_s)
+    clean = False
     try:
         train_this_rank(cfg, ctx)
+        clean = True
     except UserError as e:
         # Every rank hits the same config error; print it once.
         if ctx.rank == 0:
@@ -44,7 +46,7 @@ def run_rank(cfg) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        shutdown()
+        shutdown(clean)
     return 0
 
 
