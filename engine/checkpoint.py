@@ -64,8 +64,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a run killed mid-save
             (tmp / "rng").mkdir(parents=True)
         dist.barrier()
-        backend = self.trainer.backend
-        backend.save_state(tmp / STATE_DIR)
+        self._backend_save(tmp / STATE_DIR)
         self._save_rng(tmp / "rng" / f"rank{self.rank}.safetensors")
         if self.rank == 0:
             (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(), indent=1))
@@ -81,6 +80,22 @@ class Checkpointer:
         self._t_last = time.monotonic()
         self.last_save_s = time.perf_counter() - t0
         return final_dir
+
+    def _backend_save(self, path: Path) -> None:
+        backend = self.trainer.backend
+        if self.cfg.zero.backend == "deepspeed":
+            # DeepSpeed writes its own (layout-bound) files; they still go through our tmp -> rename flow.
+            path.mkdir(parents=True, exist_ok=True)
+            backend.save_checkpoint(str(path))
+        else:
+            backend.save_state(path)
+
+    def _backend_load(self, path: Path) -> None:
+        backend = self.trainer.backend
+        if self.cfg.zero.backend == "deepspeed":
+            backend.load_checkpoint(str(path))
+        else:
+            backend.load_state(path)
 
     def _trainer_state(self) -> dict:
         t = self.trainer
@@ -130,7 +145,7 @@ class Checkpointer:
         err, meta = _broadcast((err, meta))
         if err:
             raise CheckpointError(err)
-        self.trainer.backend.load_state(path / STATE_DIR)
+        self._backend_load(path / STATE_DIR)
         ts = json.loads((path / TRAINER_STATE).read_text())
         t = self.trainer
         t.step = ts["step"]
