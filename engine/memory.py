@@ -243,7 +243,9 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
     if d.raw_params:
         per = d.raw_params / max(d.layers, 1) / tp if d.layers else d.raw_params / tp
         n = n_layers if d.layers else 1
-        return StageParams(linear_w=per * n, other=0.0, adapters=0.0, largest_layer=per, root=0.0)
+        # without --layers the per-block size is unknown: no ZeRO-3 gather buffer is counted
+        return StageParams(linear_w=per * n, other=0.0, adapters=0.0, largest_layer=per if d.layers else 0.0,
+                           root=0.0)
     lins = layer_linears(d)
     w = sum(x.fan_in * x.fan_out for x in lins) / tp
     b = sum(x.fan_out / tp if x.style == "col" else x.fan_out for x in lins if x.bias)

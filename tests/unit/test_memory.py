@@ -1,0 +1,156 @@
+"""Memory estimator: parameter counts vs real HF models, hand-derived formulas, classic ZeRO figures, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trellis.engine.memory import KEYS, TrainingSetup, estimate
+from trellis.engine.memory_models import dims_from_hf_config, dims_from_params, resolve_model, total_params
+from trellis.errors import ConfigError
+
+MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
+TINY = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-neox", "tiny-bloom"]
+# small variants exercising each family's switches (biases, GQA, untied head, OPT projection, n_inner default)
+VARIANTS = [
+    {"model_type": "qwen2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False},
+    {"model_type": "mistral", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 1, "tie_word_embeddings": True},
+    {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "attention_bias": True, "mlp_bias": True},
+    {"model_type": "gpt2", "vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64},
+    {"model_type": "opt", "vocab_size": 96, "hidden_size": 32, "ffn_dim": 48, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "word_embed_proj_dim": 16, "max_position_embeddings": 64},
+    {"model_type": "gpt_neox", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "tie_word_embeddings": False},
+    {"model_type": "bloom", "vocab_size": 96, "hidden_size": 32, "n_layer": 2, "n_head": 4},
+]
+
+
+def _hf_count(cfg: dict) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_param_count_matches_hf_tiny(name):
+    cfg = json.loads((MODELS / name / "config.json").read_text())
+    assert total_params(resolve_model(name)) == _hf_count(cfg)
+
+
+@pytest.mark.parametrize("cfg", VARIANTS, ids=[v["model_type"] for v in VARIANTS])
+def test_param_count_matches_hf_variants(cfg):
+    assert total_params(dims_from_hf_config(cfg)) == _hf_count(cfg)
+
+
+@pytest.mark.parametrize("name,published", [("llama-2-7b", 6_738_415_616), ("gpt2", 124_439_808),
+                                            ("bloom-7b1", 7_069_016_064), ("gpt-neox-20b", 20_554_567_680)])
+def test_presets_match_published_totals(name, published):
+    """Totals as printed by the model cards / `num_parameters()` of the published checkpoints."""
+    assert total_params(resolve_model(name)) == published
+
+
+@pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
+def test_classic_zero_figures(stage, expected_gb):
+    """ZeRO paper, Fig. 1: Ψ=7.5B, Nd=64, mixed-precision Adam (K=12): 16Ψ, 4Ψ+12Ψ/Nd, 2Ψ+14Ψ/Nd, 16Ψ/Nd."""
+    est = estimate(dims_from_params(int(7.5e9)), TrainingSetup(dp=64, zero=stage))
+    assert est.worst_rank.total / 1e9 == pytest.approx(expected_gb, abs=0.05)
+
+
+def test_native_stage_semantics_hand_derived():
+    """Native, fp32 params are the master: Ψ=1e9, Nd=4.
+    stage0: 4Ψ+4Ψ+8Ψ = 16e9; stage1: 4Ψ+4Ψ+8Ψ/4 = 10e9; stage2/3: 16Ψ/4 = 4e9 persistent, no master copy."""
+    d = dims_from_params(10**9)
+    got = [estimate(d, TrainingSetup(dp=4, zero=z, backend="native", precision="bf16")).ranks[0] for z in range(4)]
+    persistent = [r.params + r.grads + r.optimizer_states + r.master_weights for r in got]
+    assert persistent == pytest.approx([16e9, 10e9, 4e9, 4e9])
+    assert all(r.master_weights == 0 for r in got)
+    # stage 2 keeps every block gathered (2 bytes each); stage 3 only a couple of blocks
+    assert got[2].buffers == pytest.approx(2e9) and got[3].buffers < got[2].buffers
+
+
+def test_fp32_deepspeed_has_no_master():
+    """fp32: params 4 + grads 4 + Adam 8 = 16Ψ with no master copy."""
+    r = estimate(dims_from_params(10**6), TrainingSetup(precision="fp32")).ranks[0]
+    assert (r.params, r.grads, r.master_weights, r.optimizer_states) == (4e6, 4e6, 0, 8e6)
+
+
+def test_lora_trainable_count_hand_derived():
+    """tiny-llama (h=64, q=64, kv=32, ffn=128, 4 layers), r=4, all 7 linears:
+    q 4(64+64) + k 4(64+32) + v 4(64+32) + o 4(64+64) + gate/up 2·4(64+128) + down 4(128+64)
+    = 512 + 384 + 384 + 512 + 768 + 768 + 768 = 4096 per layer."""
+    r = estimate(resolve_model("tiny-llama"), TrainingSetup(peft="lora", lora_r=4, backend="native",
+                                                             precision="fp32")).ranks[0]
+    assert r.trainable_params == 4 * 4096
+    assert r.grads == 4 * 4 * 4096 and r.optimizer_states == 8 * 4 * 4096
+
+
+def test_qlora_base_bytes():
+    """NF4 + double quant: 0.5 + 1/64 + 4/(64·256) bytes per base linear weight; the rest in storage dtype."""
+    d = resolve_model("llama-2-7b")
+    r = estimate(d, TrainingSetup(peft="qlora", double_quant=True, precision="bf16")).ranks[0]
+    linear_w = d.layers * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert r.params_by_dtype["4bit"] == pytest.approx(linear_w * (0.5 + 1 / 64 + 4 / 16384), rel=1e-9)
+
+
+def test_pipeline_worst_rank_and_tp_sharding():
+    d = resolve_model("llama-2-7b")
+    est = estimate(d, TrainingSetup(pp=4, tp=2, seq_len=2048, micro_batch=1, grad_accum=8))
+    # 1F1B: stage 0 holds 4 micro-batches of activations, the last only one (plus the logits)
+    assert est.worst == 0 and est.ranks[0].activations > 3 * est.ranks[3].activations
+    assert est.ranks[3].logits > 0 and est.ranks[0].logits == 0
+    one = estimate(d, TrainingSetup()).ranks[0].params
+    assert sum(r.params for r in est.ranks) == pytest.approx(one / 2, rel=1e-3)
+
+
+def test_json_keys_stable():
+    doc = estimate(resolve_model("tiny-llama"), TrainingSetup(seq_len=16)).as_dict()
+    for k in KEYS:
+        assert k in doc["ranks"][0] and isinstance(doc["ranks"][0][k], int)
+        assert k in doc["worst_rank"]
+    assert {"schema_version", "model", "setup", "ranks", "worst_rank", "fits", "gpu_mem"} <= set(doc)
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="did you mean llama-2-7b"):
+        resolve_model("lama-2-7b")
+    with pytest.raises(ConfigError, match=r"parallel.tp=3 does not divide num_attention_heads=32; use 1, 2, 4"):
+        estimate(resolve_model("llama-2-7b"), TrainingSetup(tp=3))
+    with pytest.raises(ConfigError, match="missing num_hidden_layers"):
+        dims_from_hf_config({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2,
+                             "intermediate_size": 16})
+    with pytest.raises(ConfigError, match="--hidden"):
+        estimate(dims_from_params(10**9), TrainingSetup(tp=2))
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (4, False), (4, True)])
+def test_korthikanti_generic_block(tp, sp):
+    """Korthikanti et al. 2022, 16-bit GPT block with dropout: per layer sbh(10 + 24/t + 5as/(ht)) bytes with
+    tp=t, and sbh/t·(34 + 5as/h) with sequence parallel. s=2048, b=1, h=1024, a=16 (+ 8 bytes/token ids)."""
+    s, h, a = 2048, 1024, 16
+    d = dims_from_params(10**9, hidden=h, layers=1, heads=a)
+    r = estimate(d, TrainingSetup(tp=tp, sequence_parallel=sp, seq_len=s, micro_batch=1)).ranks[0]
+    per_layer = s * h * ((34 + 5 * a * s / h) / tp if sp else 10 + 24 / tp + 5 * a * s / (h * tp))
+    assert r.activations == pytest.approx(per_layer + 8 * s)
+
+
+def test_full_checkpointing_keeps_block_inputs():
+    """Full recompute keeps only the block input per layer: 2sbh bytes in 16-bit (s=4096, b=1, h=4096),
+    so one more layer adds exactly that; one block's full activations are recomputed on top (independent
+    of depth). Selective keeps more than full and less than none."""
+    from trellis.engine.memory_models import with_overrides
+
+    d = resolve_model("llama-2-7b")
+    setup = TrainingSetup(activation_checkpointing="full", seq_len=4096, micro_batch=1)
+    deeper = estimate(with_overrides(d, layers=d.layers + 1), setup).ranks[0].activations
+    assert deeper - estimate(d, setup).ranks[0].activations == 2 * 4096 * 4096
+    acts = {m: estimate(d, TrainingSetup(activation_checkpointing=m, seq_len=4096)).ranks[0].activations
+            for m in ("none", "selective", "full")}
+    assert acts["full"] < acts["selective"] < acts["none"]
