@@ -73,7 +73,9 @@ class Checkpointer:
             (tmp / CONFIG_FILE).write_text(to_toml(self.cfg))
         dist.barrier()  # every rank's files are in tmp
         if self.rank == 0:
-            io.write_metadata_and_publish(tmp, final_dir, self._metadata(step))
+            # write_s: every rank's shards written (the part that scales with model size / ranks).
+            meta = {**self._metadata(step), "write_s": round(time.perf_counter() - t0, 4)}
+            io.write_metadata_and_publish(tmp, final_dir, meta)
             io.prune(self.root, self.cfg.checkpoint.keep_last_k)
         dist.barrier()  # nobody goes on (or exits) before the checkpoint is published
         self.last_saved, self.last_saved_step = final_dir, step
@@ -134,6 +136,7 @@ class Checkpointer:
         return path
 
     def load(self, path: Path) -> None:
+        t0 = time.perf_counter()
         err = None
         meta = None
         if self.rank == 0:
@@ -163,6 +166,11 @@ class Checkpointer:
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state(states["cuda"])
         self.last_saved, self.last_saved_step = path, t.step
+        self.last_load_s = time.perf_counter() - t0
+        if self.rank == 0:
+            import sys
+
+            print(f"checkpoint: resumed from {path} (step {t.step}) in {self.last_load_s:.2f}s", file=sys.stderr)
 
 
 def model_signature(hf_config) -> dict:
