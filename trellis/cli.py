@@ -16,6 +16,8 @@ _COMMAND_MODULES = [
     "trellis.commands.config",
     "trellis.commands.checkpoint",
     "trellis.commands.memory",
+    "trellis.commands.launch",
+    "trellis.commands.submit",
 ]
 
 

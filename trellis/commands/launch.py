@@ -1,0 +1,79 @@
+"""`trellis launch --launcher torchrun|deepspeed|mpirun|srun [...] CONFIG [--section.key=value ...]`:
+start every rank of `trellis train` through a standard launcher on machines you already hold."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from trellis import configs
+from trellis.errors import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "launch", help="run `trellis train` through torchrun, deepspeed, mpirun or srun",
+        description="Every rank runs `python -m trellis train CONFIG [overrides]`. Dotted overrides work as with "
+                    "`trellis train`. Multi-node torchrun: run the same command on every node with "
+                    "--master-addr set to the first node's address.",
+    )
+    p.add_argument("--launcher", required=True, choices=("torchrun", "deepspeed", "mpirun", "srun"))
+    p.add_argument("config", help="config file (TOML) or preset name")
+    p.add_argument("--nnodes", type=int, help="number of nodes (default: launcher.nnodes)")
+    p.add_argument("--nproc-per-node", type=int,
+                   help="ranks per node (default: launcher.nproc_per_node, else dp x pp x tp / nnodes)")
+    p.add_argument("--hostfile", help="deepspeed: `host slots=N` lines; mpirun: an MPI hostfile")
+    p.add_argument("--include", default="", help="deepspeed: host:slots@host; mpirun: -H host list; srun: --nodelist")
+    p.add_argument("--exclude", default="", help="deepspeed/srun: hosts or slots to leave out")
+    p.add_argument("--master-addr", default="", help="first node's address (multi-node torchrun/deepspeed)")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: launcher's choice)")
+    p.add_argument("--mpi-flavour", choices=("auto", "openmpi", "mpich"), default="auto")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop every rank after this long (exit code 124)")
+    p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p.set_defaults(func=_launch, accepts_overrides=True)
+
+
+def build_spec(args) -> "LaunchSpec":  # noqa: F821 - imported lazily below
+    from trellis.launchers.base import LaunchSpec
+
+    # Load now so config errors are reported once, here, rather than by every rank.
+    cfg = configs.load(args.config, list(args.overrides))
+    nnodes = args.nnodes or cfg.launcher.nnodes or 1
+    if nnodes < 1:
+        raise UserError(f"--nnodes={nnodes} must be at least 1")
+    nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
+    if not nproc:
+        world = 1
+        for v in (cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp):
+            world *= max(v, 1)
+        if world % nnodes:
+            raise UserError(f"parallel.dp x pp x tp = {world} ranks do not split over --nnodes={nnodes}; "
+                            "pass --nproc-per-node or change the layout")
+        nproc = world // nnodes
+    master_addr = args.master_addr or (cfg.launcher.master_addr if nnodes > 1 else "")
+    return LaunchSpec(config=args.config, overrides=list(args.overrides), nnodes=nnodes, nproc_per_node=nproc,
+                      master_addr=master_addr, master_port=args.master_port or cfg.launcher.master_port,
+                      hostfile=args.hostfile or cfg.launcher.hostfile, include=args.include, exclude=args.exclude)
+
+
+def format_command(argv: list[str], env: dict[str, str]) -> str:
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+
+
+def _launch(args) -> int:
+    import os
+    import sys
+
+    from trellis.launchers.registry import get_launcher
+
+    spec = build_spec(args)
+    launcher = get_launcher(args.launcher, args.mpi_flavour)
+    if args.dry_run:
+        print(format_command(*launcher.build_command(spec)))
+        return 0
+    from trellis.launchers.base import caller_env
+
+    spec.python = sys.executable  # the interpreter trellis runs in; every rank uses the same one
+    spec.env = {**caller_env(os.environ), **spec.env}
+    return launcher.run(spec, timeout_s=args.timeout)
