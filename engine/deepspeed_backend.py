@@ -1,0 +1,384 @@
+"""The DeepSpeed backend: DeepSpeed's engine (ZeRO 0-3, CPU/NVMe offload, its fp16/bf16 optimizers) driven
+by the common Trainer. This is the only module of trellis that imports `deepspeed`; it does so lazily, so
+building a DeepSpeed config (a pure function, unit-tested) needs no DeepSpeed start-up.
+
+Numerics match the native backend: the Trainer's loss is the token-summed cross-entropy divided by the
+GLOBAL token count (all micro-batches, all dp ranks) and gradients are summed over dp. DeepSpeed instead
+averages gradients over dp and divides the loss by the accumulation steps; we pass `scale_wrt_gas=False`
+and multiply the loss by the dp size, so DeepSpeed's average of (dp × our loss) is our sum.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from trellis.errors import ConfigError
+from trellis.parallel.loss import causal_lm_loss_sum
+
+from .backend import StepResult, TrainingBackend
+from .data import IGNORE_INDEX, Batch
+from .optim import param_groups
+
+CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per trellis step-N/state directory
+UNIVERSAL_TAG = "ds_universal"
+_FP16_HELP = ("use precision.dtype='bf16' (DeepSpeed bf16 works on this machine) or zero.backend='native' "
+              "(trellis' own fp16 loss scaler runs on CPU)")
+
+
+# ---- config ------------------------------------------------------------------------------------------
+def _auto(v) -> bool:
+    return v == "auto"
+
+
+def _offload_section(device: str, cfg, kind: str) -> dict | None:
+    if device == "none":
+        return None
+    sec = {"device": device, "pin_memory": bool(cfg.zero.pin_memory)}
+    if device == "nvme":
+        sec["nvme_path"] = str(Path(cfg.zero.nvme_path) / kind)
+    return sec
+
+
+def trellis_ds_config(cfg, dp: int) -> dict:
+    """The DeepSpeed config that realises a trellis TrainConfig (no user JSON)."""
+    z, pr, t = cfg.zero, cfg.precision, cfg.train
+    zero: dict = {"stage": z.stage}
+    offload_opt = _offload_section(z.offload_optimizer, cfg, "optimizer")
+    offload_par = _offload_section(z.offload_param, cfg, "param")
+    if offload_opt:
+        zero["offload_optimizer"] = offload_opt
+    if offload_par:
+        zero["offload_param"] = offload_par
+    if z.stage == 3:
+        # Small models: keep every parameter partitioned (DeepSpeed would otherwise persist params
+        # below 10^5 elements on every rank, hiding the ZeRO-3 memory saving in our tiny test models).
+        zero["stage3_param_persistence_threshold"] = 0
+    ds: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp,
+        "gradient_clipping": float(t.grad_clip),
+        "zero_optimization": zero,
+        "optimizer": _optimizer_section(cfg),
+        "steps_per_print": 10 ** 9,  # the Trainer prints progress
+        "wall_clock_breakdown": False,
+    }
+    if pr.dtype == "fp16":
+        ds["fp16"] = {"enabled": True, "loss_scale": 0 if pr.loss_scale == "dynamic" else float(pr.loss_scale),
+                      "initial_scale_power": pr.initial_scale_power, "loss_scale_window": pr.loss_scale_window,
+                      "hysteresis": pr.hysteresis, "min_loss_scale": pr.min_loss_scale}
+    elif pr.dtype == "bf16":
+        ds["bf16"] = {"enabled": True}
+    if "nvme" in (z.offload_optimizer, z.offload_param):
+        ds["aio"] = {"block_size": 1048576, "queue_depth": 8, "intra_op_parallelism": 1,
+                     "single_submit": False, "overlap_events": True}
+    return ds
+
+
+def _optimizer_section(cfg) -> dict:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return {"type": "SGD", "params": {"lr": t.lr}}
+    params = {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay,
+              "adam_w_mode": True}
+    if cfg.zero.offload_optimizer == "none":
+        params["torch_adam"] = True  # torch's AdamW: no fused_adam JIT build, same math as the native backend
+    # With offload DeepSpeed picks DeepSpeedCPUAdam (the cpu_adam op, see engine/ds_ops.py).
+    return {"type": "AdamW", "params": params}
+
+
+def _fill_auto(user: dict, ours: dict) -> dict:
+    """User JSON wins; "auto" or absent values come from the trellis-derived config (recursively)."""
+    out = copy.deepcopy(user)
+    for k, v in ours.items():
+        if k not in out or _auto(out[k]):
+            out[k] = copy.deepcopy(v)
+        elif isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = _fill_auto(out[k], v)
+    return out
+
+
+def build_ds_config(cfg, dp: int) -> dict:
+    """The DeepSpeed config for this run: the user's ds_config.json as the base when given (only its
+    "auto"/absent fields filled from trellis), else derived from the trellis config."""
+    ours = trellis_ds_config(cfg, dp)
+    if not cfg.zero.deepspeed_config:
+        return ours
+    user = json.loads(Path(cfg.zero.deepspeed_config).read_text())
+    ds = _fill_auto(user, ours)
+    # A user scheduler would fight the Trainer's LR schedule (set every step); configs/deepspeed_json.py
+    # already mapped it onto train.schedule/warmup/lr, so it is honoured through the Trainer instead.
+    ds.pop("scheduler", None)
+    _check_consistent(ds, cfg, dp)
+    return ds
+
+
+def _check_consistent(ds: dict, cfg, dp: int) -> None:
+    """Fields DeepSpeed would honour differently from what the Trainer does are errors, not surprises."""
+    errors = []
+    mb, ga = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps")
+    if mb != cfg.train.micro_batch_size:
+        errors.append(f"ds_config train_micro_batch_size_per_gpu={mb} != train.micro_batch_size="
+                      f"{cfg.train.micro_batch_size}; set one of them to 'auto'")
+    if ga != cfg.train.grad_accum:
+        errors.append(f"ds_config gradient_accumulation_steps={ga} != train.grad_accum={cfg.train.grad_accum}; "
+                      "set one of them to 'auto'")
+    tb = ds.get("train_batch_size")
+    if tb is not None and tb != cfg.train.micro_batch_size * cfg.train.grad_accum * dp:
+        errors.append(f"ds_config train_batch_size={tb} != micro batch × grad_accum × dp = "
+                      f"{cfg.train.micro_batch_size * cfg.train.grad_accum * dp}; set it to 'auto'")
+    if errors:
+        raise ConfigError(errors)
+
+
+# ---- precision support (checked before any rank trains) ------------------------------------------------
+def fp16_supported(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    try:  # what DeepSpeed's CPU accelerator asks (is_fp16_supported)
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+def check_precision_supported(cfg, device_type: str | None = None) -> None:
+    """Raise ConfigError when DeepSpeed will refuse the precision on this machine. Cheap, no deepspeed
+    import: call it in the launching process, before ranks start."""
+    if cfg.zero.backend != "deepspeed" or cfg.precision.dtype != "fp16":
+        return
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not fp16_supported(device_type):
+        raise ConfigError(f"precision.dtype='fp16' with zero.backend='deepspeed': DeepSpeed refuses fp16 on this "
+                          f"{device_type.upper()} (\"Type fp16 is not supported on your device\"); {_FP16_HELP}")
+
+
+# ---- the backend -------------------------------------------------------------------------------------
+class _DeepSpeedScale:
+    """Read-only view of DeepSpeed's loss scaler for the Trainer summary; DeepSpeed checkpoints its own
+    scaler state, so load_state_dict is deliberately a no-op."""
+
+    def __init__(self, optimizer):
+        self._opt = optimizer
+
+    @property
+    def scale(self) -> float:
+        s = getattr(self._opt, "cur_scale", None)
+        if s is None:
+            s = getattr(self._opt, "loss_scale", 1.0)
+        return float(s)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "owner": "deepspeed"}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class DeepSpeedBackend(TrainingBackend):
+    name = "deepspeed"
+
+    def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):
+        if dims.tp > 1 or dims.pp > 1:
+            raise ConfigError(f"zero.backend='deepspeed' runs data parallel only (parallel.tp={dims.tp}, "
+                              f"parallel.pp={dims.pp}); use zero.backend='native' for tensor/pipeline parallel")
+        check_precision_supported(cfg, ctx.device.type)
+        self.cfg, self.ctx, self.dims = cfg, ctx, dims
+        self.dp = dims.dp
+        self._prepare(model, inject_peft)
+        self.ds_config = build_ds_config(cfg, self.dp)
+        # Before importing deepspeed: every DeepSpeed process group on CPU JIT-builds shm_comm, offload
+        # needs cpu_adam/async_io; all of them come from the project-local cache (see ds_ops).
+        from .ds_ops import use_project_extensions_dir
+
+        use_project_extensions_dir()
+        import deepspeed
+
+        # Reuse the Trainer's gloo/nccl process group: deepspeed.comm wraps an initialised torch group.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ConfigError("no trainable parameters; check peft.target_modules")
+        groups = param_groups([p for _, p in named], [n for n, _ in named], cfg.train.weight_decay)
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, model_parameters=groups, config=self.ds_config, dist_init_required=False)
+        except ValueError as e:
+            if "not supported on your device" in str(e):
+                raise ConfigError(f"DeepSpeed: {e} ({_FP16_HELP})") from None
+            raise
+        self.module = self.engine.module
+        self.named_trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        self.scaler = _DeepSpeedScale(self.optimizer) if self.engine.fp16_enabled() else None
+        self._peft = cfg.peft.method != "none"
+
+    def _prepare(self, model, inject_peft) -> None:
+        """The model surgery every backend shares (GPT-2 Conv1D→Linear, adapters, activation checkpointing)."""
+        from trellis.parallel.activation_checkpoint import apply_activation_checkpointing
+        from trellis.parallel.data_parallel import decoder_blocks
+        from trellis.parallel.hf_surgery import prepare_model
+        from trellis.parallel.models import family_for
+
+        spec = family_for(model.config.model_type)
+        prepare_model(model, spec)
+        if inject_peft is not None:
+            inject_peft(model, spec)
+        apply_activation_checkpointing(decoder_blocks(model, spec), spec, self.cfg.activation_checkpointing.mode)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def trainable_named_parameters(self):
+        return self.named_trainable
+
+    def _global_tokens(self, micro_batches: list[Batch]) -> int:
+        n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
+        dist.all_reduce(n)
+        return int(n.item())
+
+    def _world_sum(self, x: float) -> float:
+        t = torch.tensor([x], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _loss_sum(self, b: Batch) -> torch.Tensor:
+        dev = self.engine.device
+        logits = self.engine(input_ids=b.input_ids.to(dev)).logits
+        loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
+        return loss_sum
+
+    # ---- the step ------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        if len(micro_batches) != self.engine.gradient_accumulation_steps():
+            raise RuntimeError(f"{len(micro_batches)} micro-batches for DeepSpeed's gradient_accumulation_steps="
+                               f"{self.engine.gradient_accumulation_steps()}")
+        norm = float(self._global_tokens(micro_batches))
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        skipped_before = self.engine.skipped_steps
+        total = 0.0
+        for b in micro_batches:
+            loss = self._loss_sum(b) / norm
+            # ×dp undoes DeepSpeed's dp average; scale_wrt_gas=False keeps our global-token normalisation.
+            self.engine.backward(loss * self.dp, scale_wrt_gas=False)
+            self.engine.step()  # an optimizer update only at DeepSpeed's accumulation boundary
+            total += float(loss.detach())
+        skipped = self.engine.skipped_steps > skipped_before
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None and not skipped else math.nan
+        return StepResult(loss=self._world_sum(total), grad_norm=gn, skipped=skipped,
+                          loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(norm))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> float:
+        norm = float(self._global_tokens(micro_batches))
+        self.engine.eval()
+        try:
+            total = sum(float(self._loss_sum(b)) for b in micro_batches) / norm
+        finally:
+            self.engine.train()
+        return self._world_sum(total)
+
+    # ---- introspection -------------------------------------------------------------------------
+    def memory_report(self) -> dict:
+        """Bytes on this rank, read from the live engine: ZeRO-3 params count their local partition
+        (`ds_tensor`); optimizer states and fp32 master partitions come from DeepSpeed's optimizer."""
+        def local_param(p):
+            return p.ds_tensor if hasattr(p, "ds_tensor") else p
+
+        def nbytes(t):
+            return t.numel() * t.element_size()
+
+        params = sum(nbytes(local_param(p)) for p in self.module.parameters())
+        trainable = sum(nbytes(local_param(p)) for _, p in self.named_trainable)
+        master = sum(nbytes(t) for t in _master_partitions(self.optimizer))
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        states = 0
+        for st in inner.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.numel() > 1:
+                    states += nbytes(v)
+        stage = self.engine.zero_optimization_stage()
+        # Gradients: stage >= 2 keeps only this rank's partition (fp32 like the master), else full.
+        grads = master if stage >= 2 and master else trainable
+        return {"params": params, "trainable_params": trainable, "grads": grads, "optimizer_states": states,
+                "master_weights": master, "zero_stage": stage}
+
+    # ---- checkpoint hooks (engine/checkpoint.py calls them inside its atomic step-N flow) -------
+    def save_checkpoint(self, path: str) -> None:
+        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, exclude_frozen_parameters=self._peft)
+
+    def load_checkpoint(self, path: str) -> None:
+        saved_dp = saved_dp_size(Path(path) / CHECKPOINT_TAG)
+        if saved_dp in (None, self.dp):
+            self._load(path, CHECKPOINT_TAG)
+            return
+        # Another dp size: go through DeepSpeed's universal (per-parameter) checkpoint.
+        tmp = _broadcast_obj(tempfile.mkdtemp(prefix="trellis-universal-") if self.ctx.rank == 0 else None)
+        try:
+            if self.ctx.rank == 0:
+                self.to_universal(path, str(Path(tmp) / UNIVERSAL_TAG))
+            dist.barrier()
+            self._load(tmp, UNIVERSAL_TAG, universal=True)
+        finally:
+            dist.barrier()
+            if self.ctx.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _load(self, path: str, tag: str, universal: bool = False) -> None:
+        conf = self.engine._config
+        before = conf.load_universal_checkpoint
+        conf.load_universal_checkpoint = universal  # DeepSpeed reads this flag at load time only
+        try:
+            load_path, _ = self.engine.load_checkpoint(path, tag=tag, load_module_strict=not self._peft,
+                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            conf.load_universal_checkpoint = before
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path}/{tag}")
+
+    @staticmethod
+    def consolidate_fp32(path: str) -> dict[str, torch.Tensor]:
+        """Full fp32 state dict (names as in the HF model) from a saved DeepSpeed checkpoint directory."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(path, tag=CHECKPOINT_TAG)
+
+    @staticmethod
+    def to_universal(path: str, out_dir: str) -> None:
+        """Convert the DeepSpeed checkpoint saved under `path` into a universal checkpoint at `out_dir`
+        (loadable on another dp size). Runs in this process; no worker pool."""
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = Namespace(input_folder=str(Path(path) / CHECKPOINT_TAG), output_folder=str(out_dir),
+                         num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                         inject_missing_state=True)
+        ds_to_universal.main(args)
+
+
+def _master_partitions(optimizer) -> list[torch.Tensor]:
+    """The fp32 master tensors DeepSpeed's optimizer keeps on this rank (ZeRO-1/2, ZeRO-3, bf16 wrapper)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        ts = getattr(optimizer, attr, None)
+        if ts:
+            return [t for t in ts if torch.is_tensor(t)]
+    return []  # ZeRO-0 fp32: the torch optimizer updates the model parameters themselves
+
+
+def saved_dp_size(tag_dir: Path) -> int | None:
+    """dp size a DeepSpeed checkpoint was written with (one optimizer-state file per dp rank), or None."""
+    files = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    return len(files) or None
+
+
+def _broadcast_obj(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
