@@ -169,7 +169,7 @@ def job_state(job_id: str) -> tuple[str, int | None]:
     if m:
         code = re.search(r"\bExitCode=(\d+):(\d+)", out.stdout)
         state = m.group(1)
-        done = state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+        done = state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                          "BOOT_FAIL", "DEADLINE")
         if not done:
             return state, None

@@ -76,7 +76,8 @@ ReturnToService=2
 JobRequeue=1
 # Keep finished jobs visible to scontrol for an hour (no accounting database: scontrol is how we read exit codes).
 MinJobAge=3600
-KillWait=10
+# Time the ranks get between SIGTERM (scancel, scontrol requeue) and SIGKILL: enough to finish a step and save.
+KillWait=30
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
