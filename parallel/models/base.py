@@ -35,3 +35,7 @@ class FamilySpec:
     conv1d: bool = False
     # ALiBi slopes depend on the global head index (BLOOM).
     alibi: bool = False
+    # Sequence parallel, per decoder block: "norm" - a norm that runs on this rank's sequence slice;
+    # "gather" - a module whose first input (positional, or the `hidden_states` keyword) is all-gathered
+    # over the sequence before its column-parallel projections. Empty: the family has no SP plan.
+    sp_plan: dict[str, str] = field(default_factory=dict)

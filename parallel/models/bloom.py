@@ -19,4 +19,5 @@ SPEC = FamilySpec(
     },
     default_lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     alibi=True,
+    sp_plan={"input_layernorm": "norm", "self_attention": "gather", "post_attention_layernorm": "norm", "mlp": "gather"},
 )

@@ -22,4 +22,5 @@ SPEC = FamilySpec(
     },
     default_lora_targets=("c_attn.q", "c_attn.k", "c_attn.v", "c_proj", "c_fc"),
     conv1d=True,
+    sp_plan={"ln_1": "norm", "attn": "gather", "ln_2": "norm", "mlp": "gather"},
 )

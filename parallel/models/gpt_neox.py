@@ -18,4 +18,5 @@ SPEC = FamilySpec(
         "mlp.dense_4h_to_h": "rowwise",
     },
     default_lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    sp_plan={"input_layernorm": "norm", "attention": "gather", "post_attention_layernorm": "norm", "mlp": "gather"},
 )

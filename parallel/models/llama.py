@@ -21,4 +21,5 @@ SPEC = FamilySpec(
         "mlp.down_proj": "rowwise",
     },
     default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    sp_plan={"input_layernorm": "norm", "self_attn": "gather", "post_attention_layernorm": "norm", "mlp": "gather"},
 )

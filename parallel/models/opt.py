@@ -1,4 +1,8 @@
-"""OPT: separate q/k/v/out projections, fc1/fc2 MLP, learned positions, tied embeddings."""
+"""OPT: separate q/k/v/out projections, fc1/fc2 MLP, learned positions, tied embeddings.
+
+No sequence-parallel plan: OPTDecoderLayer flattens hidden states to (tokens, hidden) before fc1, so the
+sequence dim is gone where the MLP would have to all-gather it.
+"""
 
 from .base import FamilySpec
 
