@@ -31,9 +31,11 @@ def validate(cfg: TrainConfig) -> None:
         e.append("parallel: only one of dp, pp, tp may be -1 (the axis that takes what is left)")
     if p.timeout_s <= 0:
         e.append(f"parallel.timeout_s={p.timeout_s}: must be > 0 seconds")
-    if p.sequence_parallel:
-        e.append("parallel.sequence_parallel=true is not supported yet; set it to false (tensor parallel "
-                 "without sequence sharding is supported)")
+    if p.sequence_parallel and p.tp == 1:
+        e.append("parallel.sequence_parallel=true needs parallel.tp > 1; set parallel.tp or turn it off")
+    if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
+        e.append(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} must be divisible by "
+                 f"parallel.tp={p.tp}")
     if p.pp_split not in ("even", "params"):
         try:
             points = [int(x) for x in p.pp_split.split(",")]

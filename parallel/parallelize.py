@@ -67,7 +67,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
     if dims.tp_enabled:
         from .tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh["tp"], spec)
+        apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=cfg.parallel.sequence_parallel)
         loss_parallel = True
 
     # 3. pipeline split

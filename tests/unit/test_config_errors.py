@@ -32,7 +32,7 @@ BAD_OVERRIDES = [
     ("--checkpoint.interval=10", "checkpoint.interval"),
     ("--data.seq_len=1", "data.seq_len"),
     ("--parallel.pp_split=3,1", "parallel.pp_split"),
-    ("--parallel.sequence_parallel=true", "parallel.sequence_parallel"),
+    ("--parallel.sequence_parallel=true", "parallel.sequence_parallel"),  # tp=1 in the preset
     ("--train.grad_clip=-1", "train.grad_clip"),
     ("--logging.log_interval=0", "logging.log_interval"),
     ("--train.beta2=1.5", "train.beta1/beta2"),
