@@ -135,6 +135,15 @@ def _check_consistent(ds: dict, cfg, dp: int) -> None:
     if tb is not None and tb != cfg.train.micro_batch_size * cfg.train.grad_accum * dp:
         errors.append(f"ds_config train_batch_size={tb} != micro batch × grad_accum × dp = "
                       f"{cfg.train.micro_batch_size * cfg.train.grad_accum * dp}; set it to 'auto'")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage != cfg.zero.stage:
+        errors.append(f"ds_config zero_optimization.stage={stage} != zero.stage={cfg.zero.stage} (a command-line "
+                      "override?); make them agree or set the JSON's stage to 'auto'")
+    dtype = "fp16" if (ds.get("fp16") or {}).get("enabled") is True else \
+        "bf16" if (ds.get("bf16") or {}).get("enabled") is True else "fp32"
+    if dtype != cfg.precision.dtype:
+        errors.append(f"ds_config enables {dtype} but precision.dtype='{cfg.precision.dtype}'; make them agree "
+                      "or set the JSON's 'enabled' to 'auto'")
     if errors:
         raise ConfigError(errors)
 

@@ -156,3 +156,15 @@ def test_extensions_dir_is_project_local_and_respects_user_choice(tmp_path, monk
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(d)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
     assert ds_ops.use_project_extensions_dir() == tmp_path / "mine"
+
+
+def test_stock_json_contradicted_by_an_override_is_an_error(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    cfg = configs.load("tiny-llama", {"zero.stage": 3, "precision.dtype": "fp32"}, deepspeed_json=str(path))
+    with pytest.raises(ConfigError) as e:
+        dsb.build_ds_config(cfg, dp=1)
+    msgs = " ".join(e.value.messages)
+    assert "zero_optimization.stage=2 != zero.stage=3" in msgs and "enables bf16" in msgs
+    ok = configs.load("tiny-llama", {}, deepspeed_json=str(path))
+    assert dsb.build_ds_config(ok, dp=1)["zero_optimization"]["stage"] == 2
