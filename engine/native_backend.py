@@ -166,7 +166,16 @@ class NativeBackend(TrainingBackend):
                 if torch.is_tensor(v) and v.numel() > 1:
                     opt_state += nbytes(v)
         trainable = sum(nbytes(p) for p in self.params)
+        # Frozen (PEFT base) params by dtype: a 4-bit QLoRA base shows up as packed uint8.
+        frozen_by_dtype: dict[str, int] = {}
+        for _, p in self.module.named_parameters():
+            if not p.requires_grad:
+                key = str(local(p).dtype).replace("torch.", "")
+                frozen_by_dtype[key] = frozen_by_dtype.get(key, 0) + nbytes(p)
         return {
+            "base_params": sum(frozen_by_dtype.values()),
+            "base_params_by_dtype": frozen_by_dtype,
+            "adapter_params": trainable if self.cfg.peft.method != "none" else 0,
             "params": sum(params_by_dtype.values()),
             "params_by_dtype": params_by_dtype,
             "trainable_params": trainable,

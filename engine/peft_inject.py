@@ -3,6 +3,12 @@
 peft's own layers and configs are used (`inject_adapter_in_model`, in place, so the model keeps its
 structure and parameter names gain only `.base_layer` / `.lora_A.default` style suffixes); the base is
 frozen, so only adapter parameters reach grads, the optimizer and checkpoints' trainable state.
+
+Adapter init draws from a generator seeded by `adapter_seed(cfg)` right before injection, so every rank
+(and a 1-process peft reference seeded the same way) creates bit-identical adapters whatever ran before.
+QLoRA: with tp == 1 the decoder-block linears are quantized to 4 bit before injection; with tp > 1 they
+are tagged and the LoRA-aware TP plan quantizes each rank's shard (engine/quantize.py).
+Prompt learning (prefix, prompt, P-tuning) needs peft's model wrapper and is not in place: refused here.
 """
 
 from __future__ import annotations
@@ -49,14 +55,33 @@ def build_peft_config(cfg, spec, total_steps: int):
                       f"use one of {', '.join(INJECTABLE)}")
 
 
+def adapter_seed(cfg) -> int:
+    """The seed adapter init draws from (a 1-process reference seeds torch with it before get_peft_model)."""
+    return cfg.train.seed + 7919
+
+
 def make_injector(cfg):
     """`inject(model, spec)` for parallelize(): adds adapters in place and freezes the base."""
 
     def inject(model: torch.nn.Module, spec) -> None:
         from peft import inject_adapter_in_model
 
+        from .quantize import mark_for_tp_quantization, quant_spec, quantize_blocks
+
         pc = build_peft_config(cfg, spec, cfg.train.steps)
-        inject_adapter_in_model(pc, model)
+        q = quant_spec(cfg)
+        if q is not None:
+            if cfg.zero.stage >= 2 and cfg.zero.backend == "native":
+                raise ConfigError(f"peft.quantize_base={q.quant_type!r} with zero.stage={cfg.zero.stage}: FSDP2 "
+                                  "cannot shard packed 4-bit weights yet; use zero.stage=0 or 1 (adapters are "
+                                  "tiny: ZeRO-1 already shards their optimizer state)")
+            if cfg.parallel.tp > 1:
+                mark_for_tp_quantization(model, spec, q)
+            else:
+                quantize_blocks(model, spec, q)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(adapter_seed(cfg))
+            inject_adapter_in_model(pc, model)
         for n, prm in model.named_parameters():
             prm.requires_grad_(_is_adapter_param(n))
         if not any(prm.requires_grad for prm in model.parameters()):

@@ -16,6 +16,7 @@ _COMMAND_MODULES = [
     "trellis.commands.config",
     "trellis.commands.checkpoint",
     "trellis.commands.memory",
+    "trellis.commands.export",
     "trellis.commands.launch",
     "trellis.commands.submit",
 ]

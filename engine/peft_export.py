@@ -1,0 +1,133 @@
+"""Export a PEFT training checkpoint (any layout) as a peft adapter or as a merged HF model directory.
+
+Runs in one process with no process group: DCP reads every rank's shards of the adapter tensors into
+full tensors (checkpoint_convert.full_model_state), so a ZeRO-3 / TP / PP checkpoint exports complete
+adapters. The unsharded base is rebuilt from the run's own config (model.path, seed), peft wraps it with
+the run's peft config, the adapters are loaded under their FQNs and peft itself writes its format
+(`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<fqn>` without `.default`).
+
+Merged export with a 4-bit base (QLoRA): the adapters were trained against the *dequantized* 4-bit
+weights, so those are what they are merged into. We rebuild them exactly as training quantized them:
+the full linear when tp == 1, each tp rank's shard (colwise rows / rowwise columns) when tp > 1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from trellis.errors import CheckpointError, UserError
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory, or a checkpoint root (its latest valid step)."""
+    from . import checkpoint_io as io
+
+    path = Path(path)
+    if io.read_metadata(path) is not None:
+        return path
+    latest = io.latest_valid(path) if path.is_dir() else None
+    if latest is None:
+        raise UserError(f"{path}: neither a checkpoint (step-N with metadata.json) nor a directory holding one")
+    return latest
+
+
+def _run_config(path: Path, meta: dict):
+    from trellis import configs
+
+    cfg = configs.load(str(path / "config.toml"))
+    if cfg.peft.method == "none" or meta.get("peft", "none") == "none":
+        raise UserError(f"{path}: not a PEFT run (peft.method='none'); use `trellis checkpoint convert --to hf`")
+    if cfg.zero.backend == "deepspeed":
+        raise UserError(f"{path}: written by the deepspeed backend; PEFT export reads native checkpoints")
+    return cfg
+
+
+def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
+    """Replace the decoder-block linears' weights by the dequantized 4-bit values training used."""
+    from .quantize import block_linears, dequantized_weight, linear_to_4bit, quant_spec
+
+    q = quant_spec(cfg)
+    kinds = spec.tp_plan
+    for block in model.get_submodule(spec.layers):
+        for path, kind in kinds.items():
+            lin = block.get_submodule(path)
+            w = lin.weight.detach()
+            dim = 1 if kind == "rowwise" else 0
+            parts = w.chunk(tp, dim=dim) if tp > 1 else [w]
+            deq = [dequantized_weight(linear_to_4bit(p.contiguous(), None, q)) for p in parts]
+            with torch.no_grad():
+                lin.weight.copy_(torch.cat(deq, dim=dim))
+    covered = {id(block.get_submodule(p)) for block in model.get_submodule(spec.layers) for p in kinds}
+    if any(id(lin) not in covered for _, _, lin in block_linears(model, spec)):
+        raise CheckpointError("a 4-bit decoder-block linear is not in the family's TP plan; cannot rebuild it")
+
+
+def load_peft_model(path: Path, *, dequantized_base: bool = False):
+    """(peft model with the checkpoint's adapters, run config, model dir) on the unsharded fp32 base."""
+    from peft import get_peft_model
+
+    from trellis.parallel.models import family_for
+
+    from . import checkpoint_io as io
+    from .checkpoint_convert import full_model_state
+    from .model import build_model
+    from .peft_inject import build_peft_config
+    from .quantize import quant_spec
+
+    meta = io.verify(path)
+    cfg = _run_config(path, meta)
+    base, model_dir = build_model(cfg.model, seed=cfg.train.seed)
+    spec = family_for(base.config.model_type)
+    if spec.name == "gpt2":
+        # trellis trains GPT-2 with c_attn unfused into q/k/v Linears; peft's format addresses the fused Conv1D.
+        raise UserError("export of GPT-2 adapters is not supported yet (trellis unfuses c_attn for tensor "
+                        "parallel, so adapter names do not map onto HF GPT-2); use a llama/opt/bloom/neox family")
+    if dequantized_base and quant_spec(cfg) is not None:
+        _dequantize_like_training(base, spec, cfg, int(meta["layout"].get("tp", 1)))
+    pc = build_peft_config(cfg, spec, cfg.train.steps)
+    pc.base_model_name_or_path = str(cfg.model.path)
+    model = get_peft_model(base, pc)
+    state = full_model_state(path)
+    if not state:
+        raise CheckpointError(f"{path}: the checkpoint holds no adapter tensors")
+    sd = {f"base_model.model.{k}": v.float() for k, v in state.items()}
+    own = dict(model.named_parameters())
+    unexpected = sorted(set(sd) - set(own))
+    missing = sorted(n for n, p in own.items() if p.requires_grad and n not in sd)
+    if unexpected or missing:
+        raise CheckpointError(f"{path}: adapters do not match peft.method={cfg.peft.method!r} on this base: "
+                              f"unexpected {unexpected[:3]}, missing {missing[:3]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v.reshape(own[k].shape))
+    return model, cfg, model_dir
+
+
+def export_adapter(checkpoint: Path, out: Path) -> Path:
+    path = resolve_checkpoint(checkpoint)
+    model, cfg, _ = load_peft_model(path)
+    out = Path(out)
+    model.save_pretrained(str(out))
+    if not (out / "adapter_model.safetensors").stat().st_size:
+        raise CheckpointError(f"{out}: wrote an empty adapter")
+    (out / "trellis_export.json").write_text(json.dumps({"source": str(path), "method": cfg.peft.method}))
+    return out
+
+
+def export_merged(checkpoint: Path, out: Path) -> Path:
+    """A full HF model directory (adapters merged; a 4-bit base is merged into its dequantized weights)."""
+    path = resolve_checkpoint(checkpoint)
+    model, cfg, model_dir = load_peft_model(path, dequantized_base=True)
+    merged = model.merge_and_unload()
+    out = Path(out)
+    merged.save_pretrained(str(out))
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if model_dir is not None and (Path(model_dir) / f).exists():
+            shutil.copy(Path(model_dir) / f, out / f)
+    (out / "trellis_export.json").write_text(json.dumps({"source": str(path), "method": cfg.peft.method,
+                                                          "merged": True}))
+    return out

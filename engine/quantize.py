@@ -1,0 +1,168 @@
+"""QLoRA base quantization: frozen decoder-block linears in 4-bit NF4/FP4 (bitsandbytes), optional double quant.
+
+Two placements, one numeric result per weight block:
+- tp == 1: every rank quantizes the full linear before PEFT injection (what HF's `BitsAndBytesConfig`
+  load does), so peft wraps a bnb `Linear4bit` with its own `lora.bnb.Linear4bit` layer.
+- tp > 1: DTensor cannot shard a packed 4-bit tensor, so adapters are injected on the fp32 base and the
+  LoRA-aware TP plan (parallel/peft_tp.py) quantizes *this rank's shard* in place of the base layer:
+  each rank stores 1/tp of the 4-bit base. The Megatron f/g operators below give the shard the same
+  collectives ColwiseParallel / RowwiseParallel would (all-reduce the input grad / the partial output).
+Quantization statistics are per block of 64 consecutive elements of a row, so a row shard (colwise)
+quantizes exactly like the full weight; a column shard (rowwise) differs only where blocks straddle the
+cut (none when in_features / tp is a multiple of 64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from trellis.errors import ConfigError
+
+QUANT_ATTR = "_trellis_quant"  # set on linears whose (local shard of the) weight is quantized under TP
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    quant_type: str          # "nf4" | "fp4"
+    double_quant: bool
+    compute_dtype: torch.dtype
+
+
+def quant_spec(cfg) -> QuantSpec | None:
+    from trellis.configs.validate import base_quantization
+
+    q = base_quantization(cfg)
+    if q == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"peft.quantize_base={q!r} needs bitsandbytes: pip install bitsandbytes") from None
+    dt = torch.bfloat16 if cfg.peft.compute_dtype == "bf16" else torch.float32
+    return QuantSpec(q, cfg.peft.double_quant, dt)
+
+
+def linear_to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, q: QuantSpec) -> nn.Module:
+    """A frozen bnb Linear4bit holding `weight` (out, in) quantized; `bias` kept in its own dtype."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = weight.shape
+    lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=q.compute_dtype,
+                            compress_statistics=q.double_quant, quant_type=q.quant_type, device="meta")
+    lin.weight = bnb.nn.Params4bit(weight.detach().float().cpu().clone(), requires_grad=False,
+                                   compress_statistics=q.double_quant, quant_type=q.quant_type, module=lin)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return lin.to(weight.device)  # .to() quantizes (bnb packs on the first device move)
+
+
+def block_linears(model: nn.Module, spec) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every nn.Linear inside the decoder blocks (not embeddings / head)."""
+    out = []
+    for block in model.get_submodule(spec.layers):
+        for parent in block.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    out.append((parent, name, child))
+    return out
+
+
+def quantize_blocks(model: nn.Module, spec, q: QuantSpec) -> int:
+    """Replace the decoder blocks' linears by 4-bit ones (tp == 1). Returns how many were quantized."""
+    found = block_linears(model, spec)
+    for parent, name, lin in found:
+        setattr(parent, name, linear_to_4bit(lin.weight, lin.bias, q))
+    return len(found)
+
+
+def mark_for_tp_quantization(model: nn.Module, spec, q: QuantSpec) -> int:
+    """tp > 1: tag the linears; the TP plan quantizes each rank's shard after sharding it."""
+    found = block_linears(model, spec)
+    for _, _, lin in found:
+        setattr(lin, QUANT_ATTR, q)
+    return len(found)
+
+
+def is_quantized_param(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "Params4bit"
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """Full-precision weight of a (possibly 4-bit) linear."""
+    w = module.weight
+    if is_quantized_param(w):
+        import bitsandbytes.functional as bf
+
+        return bf.dequantize_4bit(w.data, w.quant_state).float()
+    return w.detach().float()
+
+
+# ---- the tensor-parallel 4-bit shard --------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient (the column-parallel 'f' operator)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward of partial sums; identity backward (the row-parallel 'g' operator)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class TPLinear4bit(nn.Module):
+    """This rank's shard of a frozen linear in 4 bit. colwise: out rows [r·o/tp, (r+1)·o/tp) with replicated
+    input and sharded output; rowwise: in columns likewise with sharded input, output all-reduced."""
+
+    def __init__(self, full: nn.Linear, kind: str, tp_mesh, q: QuantSpec):
+        super().__init__()
+        from torch.distributed.tensor import DTensor
+
+        self.kind = kind
+        self.group = tp_mesh.get_group()
+        tp, r = tp_mesh.size(), tp_mesh.get_local_rank()
+        w = full.weight.full_tensor() if isinstance(full.weight, DTensor) else full.weight
+        b = full.bias
+        if b is not None and isinstance(b, DTensor):
+            b = b.full_tensor()
+        if kind == "rowwise":
+            w_local = w.chunk(tp, dim=1)[r]
+            self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+        else:
+            w_local = w.chunk(tp, dim=0)[r]
+            self.bias = None if b is None else nn.Parameter(b.detach().chunk(tp)[r].clone(), requires_grad=False)
+        self.inner = linear_to_4bit(w_local, None, q)
+        self.in_features, self.out_features = full.in_features, full.out_features
+
+    @property
+    def weight(self):  # peft and our exporter read `base_layer.weight`
+        return self.inner.weight
+
+    def forward(self, x):
+        if self.kind == "rowwise":
+            y = _ReduceFromTP.apply(self.inner(x), self.group)
+        else:
+            y = self.inner(_CopyToTP.apply(x, self.group))
+        return y if self.bias is None else y + self.bias.to(y.dtype)

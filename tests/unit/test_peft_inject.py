@@ -1,0 +1,104 @@
+"""PEFT injection, 4-bit base quantization and export errors, in one process (no process group)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trellis import configs
+from trellis.errors import ConfigError
+from trellis.parallel.models import family_for
+
+SPEC = family_for("llama")
+
+
+def _cfg(**ov):
+    return configs.load("tiny-llama", {"parallel.dp": 1, **ov})
+
+
+def _model(cfg):
+    from trellis.engine.model import build_model
+
+    return build_model(cfg.model, seed=cfg.train.seed)[0]
+
+
+@pytest.mark.parametrize("method,cls", [("lora", "LoraConfig"), ("rslora", "LoraConfig"), ("dora", "LoraConfig"),
+                                        ("qlora", "LoraConfig"), ("ia3", "IA3Config"), ("adalora", "AdaLoraConfig"),
+                                        ("lokr", "LoKrConfig"), ("loha", "LoHaConfig"), ("hra", "HRAConfig")])
+def test_peft_config_per_method(method, cls):
+    from trellis.engine.peft_inject import build_peft_config
+
+    pc = build_peft_config(_cfg(**{"peft.method": method}), SPEC, 10)
+    assert type(pc).__name__ == cls
+    assert set(pc.target_modules) == set(SPEC.default_lora_targets)
+    if method in ("rslora", "dora"):
+        assert getattr(pc, "use_" + method)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning", "ptuning_v2"])
+def test_prompt_learning_is_a_clear_config_error(method):
+    from trellis.engine.peft_inject import build_peft_config
+
+    with pytest.raises(ConfigError, match=f"peft.method='{method}'"):
+        build_peft_config(_cfg(**{"peft.method": method}), SPEC, 10)
+
+
+def test_only_adapters_trainable_and_init_independent_of_prior_rng():
+    from trellis.engine.peft_inject import make_injector
+
+    cfg = _cfg(**{"peft.method": "dora", "peft.r": 4})
+    states = []
+    for prior_draws in (0, 123):
+        model = _model(cfg)
+        torch.rand(prior_draws)  # whatever ran before injection must not change the adapters
+        make_injector(cfg)(model, SPEC)
+        trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable and all(("lora_" in n) for n in trainable), list(trainable)[:3]
+        assert any("lora_magnitude_vector" in n for n in trainable)
+        assert not any(p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+        states.append(trainable)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_unmatched_targets_are_a_config_error():
+    from trellis.engine.peft_inject import make_injector
+
+    cfg = _cfg(**{"peft.method": "lora", "peft.target_modules": ["no_such_proj"]})
+    with pytest.raises(Exception, match="no_such_proj"):
+        make_injector(cfg)(_model(cfg), SPEC)
+
+
+def test_qlora_quantizes_block_linears_only():
+    from trellis.engine.peft_inject import make_injector
+    from trellis.engine.quantize import dequantized_weight
+
+    cfg = _cfg(**{"peft.method": "qlora", "peft.r": 4})
+    model = _model(cfg)
+    ref = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make_injector(cfg)(model, SPEC)
+    q = model.model.layers[0].self_attn.q_proj
+    assert type(q.base_layer).__name__ == "Linear4bit" and q.base_layer.weight.dtype == torch.uint8
+    assert q.base_layer.weight.quant_state.nested  # double quantization
+    err = (dequantized_weight(q.base_layer) - ref["model.layers.0.self_attn.q_proj.weight"]).abs().max().item()
+    assert 0 < err < 0.05  # NF4 of N(0, 0.02) weights: lossy, but close
+    assert model.lm_head.weight.dtype == torch.float32  # head and embeddings stay full precision
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    model(input_ids=x).logits.sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_qlora_with_fsdp_stage_is_refused():
+    from trellis.engine.peft_inject import make_injector
+
+    cfg = _cfg(**{"peft.method": "qlora", "zero.stage": 3})
+    with pytest.raises(ConfigError, match="zero.stage=3"):
+        make_injector(cfg)(_model(cfg), SPEC)
+
+
+def test_export_cli_names_a_missing_checkpoint(tmp_path, capsys):
+    from trellis.cli import main
+
+    rc = main(["export", "adapter", str(tmp_path / "nope"), str(tmp_path / "out")])
+    assert rc == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
