@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         return 0
     d = use_project_extensions_dir()
     for op, s in build([o for o in args.ops.split(",") if o]).items():
-        print(f"{op}: ready in {d / op} ({s:.1f} s)")
+        print(f"{op}: ready in {d / EXT_NAMES[op]} ({s:.1f} s)")
     return 0
 
 
