@@ -33,7 +33,20 @@ CASES.update({
     "fp32 lora zero0": {"precision.dtype": "fp32", "zero.stage": 0, "peft.method": "lora"},
     "bf16 lora zero0": {"precision.dtype": "bf16", "zero.stage": 0, "peft.method": "lora"},
     "fp32 lora zero3": {"precision.dtype": "fp32", "zero.stage": 3, "peft.method": "lora"},
+    "fp32 qlora zero0": {"precision.dtype": "fp32", "zero.stage": 0, "peft.method": "qlora"},
+    "bf16 qlora zero0": {"precision.dtype": "bf16", "zero.stage": 0, "peft.method": "qlora"},
 })
+# DeepSpeed backend, dp 2. Known disagreements between the classic accounting the estimator uses and what
+# the engine reports (strict xfail: they flip to failures once the estimator or memory_report is fixed):
+#  - fp32 ZeRO>=1: DeepSpeed's ZeRO optimizer still keeps an fp32 flat partition (4Ψ/dp master), classic says 0;
+#  - bf16 ZeRO>=2: memory_report counts the grad partition as fp32 (4Ψ/dp), classic says 2Ψ/dp;
+#  - bf16 ZeRO-0: memory_report finds no master tensors although Adam's states are fp32 (8Ψ), so DeepSpeed's
+#    bf16 optimizer holds fp32 copies that `_master_partitions` does not see (estimator: 4Ψ).
+DS_CASES = {f"ds {prec} zero{z}": {"zero.backend": "deepspeed", "precision.dtype": prec, "zero.stage": z}
+            for prec in ("fp32", "bf16") for z in range(4)}
+DS_KNOWN_GAPS = {"ds fp32 zero1": "master_weights", "ds fp32 zero2": "master_weights",
+                 "ds fp32 zero3": "master_weights", "ds bf16 zero0": "master_weights",
+                 "ds bf16 zero2": "grads", "ds bf16 zero3": "grads"}
 ACT_CASES = ("fp32 zero0", "fp32 lora zero0")  # no FSDP gathers, no autocast copies: pure activations
 
 
@@ -68,8 +81,10 @@ def meter_activations(trainer, rank) -> None:
 def _setup(dp: int, ov: dict):
     from trellis.engine.memory import TrainingSetup
 
-    return TrainingSetup(backend="native", dp=dp, zero=ov["zero.stage"], precision=ov["precision.dtype"],
-                         peft=ov.get("peft.method", "none"), lora_r=8, micro_batch=BATCH, seq_len=SEQ)
+    peft = ov.get("peft.method", "none")
+    quant = dict(peft="lora", quant="nf4", double_quant=True) if peft == "qlora" else dict(peft=peft)
+    return TrainingSetup(backend=ov.get("zero.backend", "native"), dp=dp, zero=ov["zero.stage"],
+                         precision=ov["precision.dtype"], lora_r=8, micro_batch=BATCH, seq_len=SEQ, **quant)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["dp1", "dp2"])
@@ -106,6 +121,36 @@ def test_model_states_match_engine(runs, name):
         assert est.master_weights == 0
         assert mem["master_weights"] == (mem["trainable_params"] if ov["precision.dtype"] != "fp32" else 0)
     assert not bad, f"dp{dp} {name}: " + "; ".join(bad)
+
+
+@pytest.fixture(scope="module")
+def ds_runs():
+    scenarios = [{"overrides": {**BASE, "parallel.dp": 2, **ov}} for ov in DS_CASES.values()]
+    per_rank = run_ranks(2, train_scenarios, scenarios, timeout=550)
+    return {name: [per_rank[r][i]["memory"] for r in range(2)] for i, name in enumerate(DS_CASES)}
+
+
+def _ds_params():
+    for name in DS_CASES:
+        for key in ("params", "grads", "optimizer_states", "master_weights"):
+            marks = []
+            if DS_KNOWN_GAPS.get(name) == key:
+                marks = [pytest.mark.xfail(strict=True, reason="classic accounting vs DeepSpeed, see DS_KNOWN_GAPS")]
+            yield pytest.param(name, key, marks=marks, id=f"{name}-{key}")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,key", list(_ds_params()))
+def test_deepspeed_model_states_match_engine(ds_runs, name, key):
+    from trellis.engine.memory import estimate
+    from trellis.engine.memory_models import resolve_model
+
+    est = estimate(resolve_model("tiny-llama"), _setup(2, DS_CASES[name])).ranks[0]
+    e = getattr(est, key)
+    for rank, mem in enumerate(ds_runs[name]):
+        m = mem[key]
+        print(f"dp2 {name:16s} rank{rank} {key} est {e:.0f} meas {m} ({_rel(e, m):+.2%})")
+        assert abs(e - m) <= 0.05 * m if m else e == 0
 
 
 @pytest.mark.timeout(600)
