@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from .conftest import REPO, TRAIN_OVERRIDES, read_losses, run_trellis
@@ -47,17 +48,20 @@ def _wait_lines(path, n: int, timeout: float, proc: subprocess.Popen) -> None:
     raise TimeoutError(f"{path} did not reach {n} lines in {timeout}s")
 
 
-def _rank_pids(launcher_pid: int) -> list[int]:
-    """Processes of the launcher's session that run a trellis rank (`-m trellis train`), not the launcher."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,args="], capture_output=True, text=True, timeout=30).stdout
-    pids = []
-    for line in out.splitlines():
-        pid, sid, args = line.strip().split(None, 2)
-        exe = os.path.basename(args.split()[0])
-        if int(sid) == launcher_pid and exe.startswith("python") and "-m trellis train" in args \
-                and "torchrun" not in args and "torch.distributed.run" not in args:
-            pids.append(int(pid))
-    return pids
+def _rank_procs(launcher_pid: int) -> list[psutil.Process]:
+    """Descendants of the launcher that are trellis ranks (`python -m trellis train`), not launcher agents.
+    By process tree, not session: torchrun starts its workers in sessions of their own."""
+    out = []
+    for c in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            args = c.cmdline()
+        except psutil.Error:
+            continue
+        joined = " ".join(args)
+        if args and os.path.basename(args[0]).startswith("python") and "-m trellis train" in joined \
+                and "torchrun" not in joined and "torch.distributed.run" not in joined:
+            out.append(c)
+    return out
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
@@ -71,10 +75,10 @@ def test_killed_rank_ends_the_job_within_60s(launcher, request, tmp_path):
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _wait_lines(m, 2, 300, p)
-        ranks = _rank_pids(p.pid)
+        ranks = _rank_procs(p.pid)
         assert len(ranks) == 2, ranks
         t0 = time.monotonic()
-        os.kill(ranks[-1], signal.SIGKILL)
+        ranks[-1].send_signal(signal.SIGKILL)
         rc = p.wait(timeout=90)
         elapsed = time.monotonic() - t0
     finally:
@@ -83,4 +87,5 @@ def test_killed_rank_ends_the_job_within_60s(launcher, request, tmp_path):
             p.wait()
     assert rc != 0
     assert elapsed < 60, f"the job took {elapsed:.1f}s to end after a rank died"
-    assert not _rank_pids(p.pid), "ranks left running"
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, f"ranks left running: {alive}"
