@@ -295,7 +295,9 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
         by[_dt(store)] = by.get(_dt(store), 0.0) + (trainable * store if peft else base * store)
         params = sum(by.values())
         grads = trainable * (4 if native else c)
-        master = trainable * 4 if (mixed and not native) else 0.0
+        # DeepSpeed: mixed precision keeps an fp32 master copy; with fp32 training its ZeRO optimizer (stage >= 1)
+        # still keeps a flat fp32 partition of the trainable params (measured: 4Ψ/Nd per rank).
+        master = trainable * 4 if (not native and (mixed or z >= 1)) else 0.0
         optim = trainable * opt_b
         # ZeRO / FSDP sharding over dp
         if native:
@@ -339,8 +341,10 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             r.buffers += (sp.linear_w + sp.other) * gather_b  # all blocks stay gathered fwd -> bwd
         elif native and z == 3:
             r.buffers += (sp.root + 2 * sp.largest_layer) * gather_b
-        elif native and mixed:
-            r.buffers += sp.linear_w * c  # autocast's low-precision weight copies, kept for backward
+        elif native and mixed and quant == "none":
+            # autocast's low-precision weight copies, kept for backward. A 4-bit base dequantizes inside
+            # each call and keeps only the packed weight, so it has no such copy.
+            r.buffers += sp.linear_w * c
         if s.seq_len:
             _activations(d, s, stage, n_layers, c, r)
         ranks.append(r)
@@ -398,7 +402,8 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
         f["params"] = f"{pb} ({s.precision} params)" + (" /Nd" if z == 3 else "") + (
             "; frozen base quantized: " + quant if quant != "none" else "")
         f["grads"] = f"{pb} ({s.precision} grads)" + (" /Nd" if z >= 2 else "")
-        f["master_weights"] = ("4Ψ fp32 master copy" + (" /Nd" if z >= 1 else "")) if mixed else "0 (fp32 training)"
+        f["master_weights"] = (("4Ψ fp32 master copy" + (" /Nd" if z >= 1 else "")) if mixed else
+                           ("4Ψ/Nd flat fp32 partition of DeepSpeed's ZeRO optimizer" if z >= 1 else "0 (fp32 training)"))
         f["buffers"] = "DeepSpeed buckets not counted (reduce/allgather bucket sizes are configurable)"
     f["optimizer_states"] = {"adamw": "8Ψ (Adam m, v in fp32)", "adamw8bit": "2Ψ + block constants (8-bit m, v)",
                              "sgd": "0 (no momentum)"}[s.optimizer] + (" /Nd" if z >= 1 else "")

@@ -38,14 +38,12 @@ CASES.update({
 })
 # DeepSpeed backend, dp 2. Known disagreements between the classic accounting the estimator uses and what
 # the engine reports (strict xfail: they flip to failures once the estimator or memory_report is fixed):
-#  - fp32 ZeRO>=1: DeepSpeed's ZeRO optimizer still keeps an fp32 flat partition (4Ψ/dp master), classic says 0;
 #  - bf16 ZeRO>=2: memory_report counts the grad partition as fp32 (4Ψ/dp), classic says 2Ψ/dp;
 #  - bf16 ZeRO-0: memory_report finds no master tensors although Adam's states are fp32 (8Ψ), so DeepSpeed's
 #    bf16 optimizer holds fp32 copies that `_master_partitions` does not see (estimator: 4Ψ).
 DS_CASES = {f"ds {prec} zero{z}": {"zero.backend": "deepspeed", "precision.dtype": prec, "zero.stage": z}
             for prec in ("fp32", "bf16") for z in range(4)}
-DS_KNOWN_GAPS = {"ds fp32 zero1": "master_weights", "ds fp32 zero2": "master_weights",
-                 "ds fp32 zero3": "master_weights", "ds bf16 zero0": "master_weights",
+DS_KNOWN_GAPS = {"ds bf16 zero0": "master_weights",
                  "ds bf16 zero2": "grads", "ds bf16 zero3": "grads"}
 ACT_CASES = ("fp32 zero0", "fp32 lora zero0")  # no FSDP gathers, no autocast copies: pure activations
 
