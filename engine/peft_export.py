@@ -21,6 +21,8 @@ import torch
 
 from trellis.errors import CheckpointError, UserError
 
+from .peft_inject import PROMPT_LEARNING
+
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory, or a checkpoint root (its latest valid step)."""
@@ -75,7 +77,7 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     from . import checkpoint_io as io
     from .checkpoint_convert import full_model_state
     from .model import build_model
-    from .peft_inject import build_peft_config
+    from .peft_inject import PROMPT_LEARNING, build_peft_config
     from .quantize import quant_spec
 
     meta = io.verify(path)
@@ -88,13 +90,24 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
                         "parallel, so adapter names do not map onto HF GPT-2); use a llama/opt/bloom/neox family")
     if dequantized_base and quant_spec(cfg) is not None:
         _dequantize_like_training(base, spec, cfg, int(meta["layout"].get("tp", 1)))
-    pc = build_peft_config(cfg, spec, cfg.train.steps)
+    prompt = cfg.peft.method in PROMPT_LEARNING
+    if prompt:
+        from .peft_prompt import PROMPT_MODULE, prompt_config
+
+        pc = prompt_config(cfg, base.config)
+    else:
+        pc = build_peft_config(cfg, spec, cfg.train.steps)
     pc.base_model_name_or_path = str(cfg.model.path)
     model = get_peft_model(base, pc)
     state = full_model_state(path)
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no adapter tensors")
-    sd = {f"base_model.model.{k}": v.float() for k, v in state.items()}
+    if prompt:  # our in-place prompt module -> peft's wrapper attribute
+        sd = {f"prompt_encoder.default.{k[len(PROMPT_MODULE) + 1:]}": v.float() for k, v in state.items()}
+    else:
+        # A 4-bit base layer adds its quant-state buffers (absmax, quant_map, ...) to the module state
+        # dict; they are frozen base state, rebuilt from the base above, not adapters.
+        sd = {f"base_model.model.{k}": v.float() for k, v in state.items() if ".base_layer." not in k}
     own = dict(model.named_parameters())
     unexpected = sorted(set(sd) - set(own))
     missing = sorted(n for n, p in own.items() if p.requires_grad and n not in sd)
@@ -122,6 +135,9 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
     """A full HF model directory (adapters merged; a 4-bit base is merged into its dequantized weights)."""
     path = resolve_checkpoint(checkpoint)
     model, cfg, model_dir = load_peft_model(path, dequantized_base=True)
+    if cfg.peft.method in PROMPT_LEARNING:
+        raise UserError(f"peft.method={cfg.peft.method!r}: virtual tokens cannot be merged into the weights; "
+                        "use `trellis export adapter`")
     merged = model.merge_and_unload()
     out = Path(out)
     merged.save_pretrained(str(out))

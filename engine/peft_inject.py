@@ -8,7 +8,8 @@ Adapter init draws from a generator seeded by `adapter_seed(cfg)` right before i
 (and a 1-process peft reference seeded the same way) creates bit-identical adapters whatever ran before.
 QLoRA: with tp == 1 the decoder-block linears are quantized to 4 bit before injection; with tp > 1 they
 are tagged and the LoRA-aware TP plan quantizes each rank's shard (engine/quantize.py).
-Prompt learning (prefix, prompt, P-tuning) needs peft's model wrapper and is not in place: refused here.
+Prompt tuning / P-tuning attach peft's prompt module in place (engine/peft_prompt.py); prefix tuning and
+P-tuning v2 (per-layer K/V) are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def build_peft_config(cfg, spec, total_steps: int):
         return peft.LoHaConfig(r=p.r, alpha=p.alpha, target_modules=targets, task_type="CAUSAL_LM")
     if m == "hra":
         return peft.HRAConfig(r=p.r, target_modules=targets, task_type="CAUSAL_LM")
-    raise ConfigError(f"peft.method={m!r} (prompt learning) is not supported by the partitioned engine yet; "
+    raise ConfigError(f"peft.method={m!r} (prompt learning) has no peft adapter config here; "
                       f"use one of {', '.join(INJECTABLE)}")
 
 
@@ -68,6 +69,15 @@ def make_injector(cfg):
 
         from .quantize import mark_for_tp_quantization, quant_spec, quantize_blocks
 
+        if cfg.peft.method in PROMPT_LEARNING:
+            from .peft_prompt import attach_prompt_learning
+
+            if quant_spec(cfg) is not None:
+                raise ConfigError(f"peft.method={cfg.peft.method!r} with peft.quantize_base: use 'qlora' for a 4-bit base")
+            attach_prompt_learning(model, spec, cfg, adapter_seed(cfg))
+            for n, prm in model.named_parameters():
+                prm.requires_grad_(n.startswith("peft_prompt."))
+            return
         pc = build_peft_config(cfg, spec, cfg.train.steps)
         q = quant_spec(cfg)
         if q is not None:

@@ -29,6 +29,11 @@ def peft_config(cfg, targets):
     import peft
 
     p = cfg.peft
+    if p.method in ("prompt", "ptuning"):
+        kw = dict(num_virtual_tokens=p.num_virtual_tokens, task_type="CAUSAL_LM")
+        if p.method == "prompt":
+            return peft.PromptTuningConfig(**kw)
+        return peft.PromptEncoderConfig(encoder_hidden_size=64, **kw)
     if p.method == "ia3":
         ff = [t for t in targets if t in ("gate_proj", "up_proj", "down_proj")]
         return peft.IA3Config(target_modules=list(targets), feedforward_modules=ff, task_type="CAUSAL_LM")
@@ -44,7 +49,9 @@ def reference_model(cfg, targets, tmp: Path | None = None):
     from trellis.engine.peft_inject import adapter_seed
 
     model, model_dir = build_model(cfg.model, seed=cfg.train.seed)
-    if cfg.peft.method == "qlora":  # HF's own 4-bit load of the same weights
+    if cfg.peft.method == "qlora" and cfg.parallel.tp > 1:
+        _per_shard_4bit(model, cfg.parallel.tp)
+    elif cfg.peft.method == "qlora":  # HF's own 4-bit load of the same weights
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         model.save_pretrained(str(tmp))
@@ -53,6 +60,27 @@ def reference_model(cfg, targets, tmp: Path | None = None):
         model = AutoModelForCausalLM.from_pretrained(str(tmp), quantization_config=bnb, dtype=torch.float32)
     torch.manual_seed(adapter_seed(cfg))
     return get_peft_model(model, peft_config(cfg, targets)), model_dir
+
+
+def _per_shard_4bit(model, tp: int) -> None:
+    """Replace every decoder linear's weight by NF4 + double-quant round trips of its tp shards (rows of a
+    colwise layer, columns of a rowwise one), with bitsandbytes directly: the 4-bit base a tp run holds."""
+    import bitsandbytes.functional as bf
+
+    from trellis.parallel.models import family_for
+
+    spec = family_for(model.config.model_type)
+    for layer in model.get_submodule(spec.layers):
+        for path, kind in spec.tp_plan.items():
+            lin = layer.get_submodule(path)
+            dim = 1 if kind == "rowwise" else 0
+            parts = []
+            for w in lin.weight.detach().chunk(tp, dim=dim):
+                packed, state = bf.quantize_4bit(w.contiguous(), blocksize=64, compress_statistics=True,
+                                                 quant_type="nf4")
+                parts.append(bf.dequantize_4bit(packed, state).float())
+            with torch.no_grad():
+                lin.weight.copy_(torch.cat(parts, dim=dim))
 
 
 def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
@@ -70,12 +98,13 @@ def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0, foreach=False)
     losses = []
+    n_virtual = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prompt", "ptuning") else 0
     for _ in range(steps):
         batches = sampler.next()
         n_tokens = sum(b.labels.numel() for b in batches)
         total = 0.0
         for b in batches:
-            logits = model(input_ids=b.input_ids).logits
+            logits = model(input_ids=b.input_ids).logits[:, n_virtual:]  # peft returns virtual positions too
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b.labels.reshape(-1),
                                    reduction="sum") / n_tokens
             loss.backward()
@@ -86,9 +115,12 @@ def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
         losses.append(total)
     ids = probe_ids(model.config.vocab_size)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits
-        with model.disable_adapter():
-            base_logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids).logits[:, n_virtual:]
+        if n_virtual:  # the wrapped HF model without virtual tokens
+            base_logits = model.get_base_model()(input_ids=ids).logits
+        else:
+            with model.disable_adapter():
+                base_logits = model(input_ids=ids).logits
     return losses, model, logits, base_logits
 
 
@@ -99,6 +131,9 @@ def expected_local_numel(ref_model, tp_plan: dict, tp: int) -> int:
     total = 0
     for name, p in ref_model.named_parameters():
         if not p.requires_grad:
+            continue
+        if "prompt_encoder" in name:  # virtual tokens: replicated over tp
+            total += p.numel()
             continue
         kind = next(k for path, k in tp_plan.items() if f".{path}." in name)
         col = kind != "rowwise"

@@ -36,12 +36,16 @@ TWO = {
     # QLoRA runs longer with a larger LR so that "trains" is visible as a falling loss on fresh batches.
     "dp2-qlora-z1": {"parallel.dp": 2, "zero.stage": 1, "peft.method": "qlora", **QLORA_TRAIN},
     "tp2-qlora": {"parallel.tp": 2, "peft.method": "qlora", **QLORA_TRAIN},
+    "tp2-prompt": {"parallel.tp": 2, "peft.method": "prompt", "train.lr": 5e-2},
+    "dp2-ptuning-z3": {"parallel.dp": 2, "zero.stage": 3, "peft.method": "ptuning"},
 }
 FOUR = {f"dp2tp2-lora-z{z}": {"parallel.dp": 2, "parallel.tp": 2, "zero.stage": z} for z in range(4)}
 EIGHT = {f"dp2pp2tp2-lora-z{z}": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "zero.stage": z}
          for z in (1, 3)}
 REVERSED = "tp2-lora-injected-after-tp"
-WITH_CHECKPOINT = ("tp2-lora", "pp2-lora", "dp2-lora-z3", "dp2-qlora-z1", "tp2-qlora", "dp2tp2-lora-z3",
+FP32_TWIN = "lora-with-qlora-schedule"  # reference only: the QLoRA runs' settings on the fp32 base
+HF_QLORA_TP1 = "hf-qlora-1-process"  # reference only: HF's whole-weight 4-bit load
+WITH_CHECKPOINT = ("tp2-prompt", "dp2-ptuning-z3", "tp2-lora", "pp2-lora", "dp2-lora-z3", "dp2-qlora-z1", "tp2-qlora", "dp2tp2-lora-z3",
                    "dp2pp2tp2-lora-z3")
 
 
@@ -81,7 +85,8 @@ class _Groups(dict):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("peft")
-    cases = {**TWO, **FOUR, **EIGHT, REVERSED: {"parallel.tp": 2}}
+    cases = {**TWO, **FOUR, **EIGHT, REVERSED: {"parallel.tp": 2}, FP32_TWIN: QLORA_TRAIN,
+             HF_QLORA_TP1: {"peft.method": "qlora", **QLORA_TRAIN}}
     return {"out": _Groups(tmp), "cases": cases, "tmp": tmp}
 
 
@@ -90,10 +95,13 @@ _REFS: dict = {}
 
 def reference(runs, name):
     ov = runs["cases"][name]
-    key = (ov.get("peft.method", "lora"), ov.get("parallel.dp", 1), ov.get("train.lr"), ov.get("train.steps"))
+    # What changes the reference: method, global batch (dp), schedule, and for QLoRA the 4-bit base (tp).
+    keys = ("peft.method", "parallel.dp", "train.lr", "train.steps") + \
+        (("parallel.tp",) if ov.get("peft.method") == "qlora" else ())
+    key = tuple(sorted((k, v) for k, v in ov.items() if k in keys))
     if key not in _REFS:
         cfg = configs.load("tiny-llama", _overrides(name, ov, runs["tmp"]))
-        qdir = runs["tmp"] / f"qbase-{key[0]}-{key[1]}"
+        qdir = runs["tmp"] / f"qbase-{len(_REFS)}"
         _REFS[key] = (cfg, *reference_run(cfg, TARGETS, cfg.train.steps, qdir))
     return _REFS[key]
 
@@ -131,9 +139,11 @@ def test_injecting_after_tp_is_caught(runs):
 
 
 # QLoRA: dp2 quantizes exactly like HF's 4-bit load (same full weights, same 64-element blocks), so only
-# summation order differs: fp32 round-off, 1e-5. tp2 quantizes each rank's shard: a rowwise shard of a
-# 64-wide row (o_proj) gets its own absmax per 32 columns, a slightly different 4-bit base; the bound is
-# set from that base's logit error (see test_qlora_tp_base_error) instead of a guess.
+# summation order differs: fp32 round-off, 1e-5. tp2 quantizes each rank's *shard*: a rowwise shard of
+# a 64-wide row (o_proj) gets its own absmax per 32 columns, a different (equally valid) 4-bit base. Its
+# reference is the 1-process run on exactly that base (each shard NF4-quantized by bitsandbytes in the
+# test), again 1e-5. Against HF's whole-weight QLoRA the tp2 run only has to stay as close as the fp32
+# LoRA run is (the size of quantization itself); measured and printed.
 @pytest.mark.parametrize("name", ["dp2-qlora-z1", "tp2-qlora"])
 def test_qlora_trains_and_matches_reference(runs, name):
     ref_losses = reference(runs, name)[1]
@@ -144,10 +154,14 @@ def test_qlora_trains_and_matches_reference(runs, name):
     assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
     mem = r0["memory"]
     assert "uint8" in mem["params_by_dtype"], mem  # the 4-bit base is really stored packed
-    if name.startswith("dp2"):
-        assert dl <= 1e-5
-    else:
-        assert dl <= 5e-3
+    assert dl <= 1e-5
+    if name.startswith("tp2"):
+        hf_losses = reference(runs, HF_QLORA_TP1)[1]
+        fp32_losses = reference(runs, FP32_TWIN)[1]
+        d_hf = max(abs(a - b) for a, b in zip(losses, hf_losses))
+        quant_effect = max(abs(a - b) for a, b in zip(fp32_losses, hf_losses))
+        print(f"{name}: vs HF whole-weight QLoRA {d_hf:.2e}; fp32 LoRA vs HF QLoRA {quant_effect:.2e}")
+        assert d_hf <= 2 * quant_effect
 
 
 @pytest.mark.parametrize("name", [n for n in {**TWO, **FOUR, **EIGHT}])
@@ -201,14 +215,18 @@ def test_export_adapter_round_trip(runs, name, tmp_path):
     from safetensors.torch import load_file
 
     keys = list(load_file(str(out / "adapter_model.safetensors")))
-    assert keys and all(k.startswith("base_model.model.") and ".default" not in k for k in keys)
     cfg = configs.load("tiny-llama", _overrides(name, runs["cases"][name], runs["tmp"]))
+    n_virtual = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prompt", "ptuning") else 0
+    if n_virtual:
+        assert keys == ["prompt_embeddings"]  # peft's own key for prompt learning
+    else:
+        assert keys and all(k.startswith("base_model.model.") and ".default" not in k for k in keys)
     if "qlora" in name:
         return  # a 4-bit base: checked through the merged export below
     base, _ = build_model(cfg.model, seed=cfg.train.seed)
     model = PeftModel.from_pretrained(base, str(out))
     with torch.no_grad():
-        got = model(input_ids=probe_ids(base.config.vocab_size)).logits
+        got = model(input_ids=probe_ids(base.config.vocab_size)).logits[:, n_virtual:]
     d = (got - _engine_logits(runs, name)).abs().max().item()
     print(f"{name}: exported adapter logits max |Δ| {d:.2e}")
     assert d <= 1e-5

@@ -35,12 +35,42 @@ def test_peft_config_per_method(method, cls):
         assert getattr(pc, "use_" + method)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning", "ptuning_v2"])
-def test_prompt_learning_is_a_clear_config_error(method):
-    from trellis.engine.peft_inject import build_peft_config
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_per_layer_prefixes_are_a_clear_config_error(method):
+    from trellis.engine.peft_inject import make_injector
 
-    with pytest.raises(ConfigError, match=f"peft.method='{method}'"):
-        build_peft_config(_cfg(**{"peft.method": method}), SPEC, 10)
+    cfg = _cfg(**{"peft.method": method})
+    with pytest.raises(ConfigError, match=f"peft.method='{method}'.*use peft.method='prompt' or 'ptuning'"):
+        make_injector(cfg)(_model(cfg), SPEC)
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_virtual_tokens_under_pipeline_parallel_are_refused(method):
+    from trellis.engine.peft_prompt import check_layout
+
+    with pytest.raises(ConfigError, match="parallel.pp=2"):
+        check_layout(_cfg(**{"peft.method": method, "parallel.pp": 2}))
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_in_place_prompt_learning_equals_peft_wrapper(method):
+    """Same seed -> same virtual tokens; our hooks give peft's logits (without the virtual positions)."""
+    from peft import get_peft_model
+
+    from trellis.engine.peft_inject import adapter_seed, make_injector
+    from trellis.engine.peft_prompt import prompt_config
+
+    cfg = _cfg(**{"peft.method": method, "peft.num_virtual_tokens": 4})
+    ours = _model(cfg)
+    make_injector(cfg)(ours, SPEC)
+    assert [n for n, p in ours.named_parameters() if p.requires_grad][0] == "peft_prompt.embedding.weight"
+    base = _model(cfg)
+    torch.manual_seed(adapter_seed(cfg))
+    ref = get_peft_model(base, prompt_config(cfg, base.config))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 8))
+    got, want = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert want.shape[1] == 12 and got.shape[1] == 8
+    assert torch.equal(got, want[:, 4:])
 
 
 def test_only_adapters_trainable_and_init_independent_of_prior_rng():
