@@ -18,7 +18,8 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[all,test]"
+	# PIP_CONSTRAINT also reaches isolated build environments (DeepSpeed builds from an sdist).
+	PIP_CONSTRAINT=$(CURDIR)/$(CONSTRAINTS) $(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[all,test]"
 	touch $@
 
 demo: venv
