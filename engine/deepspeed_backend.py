@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -210,6 +211,10 @@ class DeepSpeedBackend(TrainingBackend):
         use_project_extensions_dir()
         import deepspeed
 
+        # DeepSpeed reads rank variables from the environment; a single process started without any
+        # launcher has none (the Trainer's group is already up, these only describe it).
+        for k, v in (("RANK", ctx.rank), ("WORLD_SIZE", ctx.world_size), ("LOCAL_RANK", ctx.local_rank)):
+            os.environ.setdefault(k, str(v))
         # Reuse the Trainer's gloo/nccl process group: deepspeed.comm wraps an initialised torch group.
         deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
