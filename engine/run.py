@@ -19,6 +19,12 @@ def local_world_size(cfg) -> int:
 def run_training(cfg, argv: list[str]) -> int:
     from .distributed import launcher_rank_env
 
+    if cfg.zero.backend == "deepspeed":
+        # Refuse what DeepSpeed cannot do on this machine before any rank starts (e.g. fp16 on a CPU).
+        from .deepspeed_backend import check_precision_supported
+
+        check_precision_supported(cfg)
+
     if launcher_rank_env() is None:
         world = local_world_size(cfg)
         if world > 1:
