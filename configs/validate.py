@@ -140,6 +140,8 @@ def validate(cfg: TrainConfig) -> None:
         e.append("checkpoint.interval is set but checkpoint.dir is empty; set checkpoint.dir")
     if c.interval < 0 or c.interval_seconds < 0:
         e.append("checkpoint.interval / interval_seconds: must be >= 0")
+    if c.async_save:
+        e.append("checkpoint.async_save=true is not supported yet (saves are synchronous and atomic); set it to false")
     if c.keep_last_k < 1:
         e.append(f"checkpoint.keep_last_k={c.keep_last_k}: must be >= 1")
     if c.resume not in ("none", "auto") and not c.resume:
