@@ -111,6 +111,7 @@ def _peft_ddp_rank(rank: int, args, port: int, out: str) -> None:
         times.append(time.perf_counter() - t0)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
+    dist.barrier()  # one run left rank 1 hanging when rank 0 tore the group down first
     dist.destroy_process_group()
 
 
