@@ -194,7 +194,8 @@ class Trainer:
 
     def _gather_memory_table(self) -> list[dict]:
         rep = self.backend.memory_report()
-        row = {"rank": self.ctx.rank, "params": rep["params"], "trainable": rep["trainable_params"],
+        row = {"rank": self.ctx.rank, "params": rep["params"], "base": rep.get("base_params", 0),
+               "adapter": rep.get("adapter_params", 0), "trainable": rep["trainable_params"],
                "grads": rep.get("grads", 0), "optimizer": rep["optimizer_states"], "master": rep["master_weights"],
                "peak": peak_memory_bytes(self.ctx.device)}
         rows: list = [None] * self.ctx.world_size
