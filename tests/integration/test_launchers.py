@@ -73,6 +73,7 @@ def test_killed_rank_ends_the_job_within_60s(launcher, request, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "trellis", "launch", "--launcher", launcher, "configs/tiny-llama.toml",
                           "--train.steps=100000", "--logging.progress=none", f"--logging.metrics_file={m}"],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ranks: list = []
     try:
         _wait_lines(m, 2, 300, p)
         ranks = _rank_procs(p.pid)
@@ -81,11 +82,22 @@ def test_killed_rank_ends_the_job_within_60s(launcher, request, tmp_path):
         ranks[-1].send_signal(signal.SIGKILL)
         rc = p.wait(timeout=90)
         elapsed = time.monotonic() - t0
+        _, alive = psutil.wait_procs(ranks, timeout=30)
     finally:
+        # Never leak ranks, whatever failed above (torchrun starts its workers in their own sessions).
+        leftovers = list(ranks)
+        try:
+            leftovers += psutil.Process(p.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        for c in leftovers:
+            try:
+                c.kill()
+            except psutil.NoSuchProcess:
+                pass
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
     assert rc != 0
     assert elapsed < 60, f"the job took {elapsed:.1f}s to end after a rank died"
-    _, alive = psutil.wait_procs(ranks, timeout=30)
     assert not alive, f"ranks left running: {alive}"
