@@ -21,16 +21,11 @@ from trellis import __version__
 from trellis.errors import CheckpointError
 
 from . import checkpoint_io as io
+from .distributed import broadcast_object as _broadcast
 
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.toml"
 STATE_DIR = "state"
-
-
-def _broadcast(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 class Checkpointer:

@@ -152,6 +152,15 @@ class GlobalBatchSampler:
         self.step = state["samples_consumed"] // self.global_batch_size if "samples_consumed" in state else state["step"]
 
 
+def global_token_count(micro_batches: list[Batch], group=None) -> int:
+    """Counted (non-ignored) target tokens of one step over `group`: the loss normaliser."""
+    import torch.distributed as dist
+
+    n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
+    dist.all_reduce(n, group=group)
+    return int(n.item())
+
+
 def build_dataset(data_cfg, tokenizer, seed: int, hold_out: int = 0) -> tuple[PackedDataset, PackedDataset | None]:
     """(train, eval) datasets; eval holds the last `hold_out` sequences when > 0."""
     docs = read_documents(data_cfg.path, data_cfg.format, data_cfg.text_field)

@@ -25,8 +25,9 @@ from trellis.errors import ConfigError
 from trellis.parallel.loss import causal_lm_loss_sum
 
 from .backend import StepResult, TrainingBackend
-from .data import IGNORE_INDEX, Batch
+from .data import Batch, global_token_count
 from .optim import param_groups
+from .distributed import broadcast_object
 
 CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per trellis step-N/state directory
 UNIVERSAL_TAG = "ds_universal"
@@ -251,9 +252,7 @@ class DeepSpeedBackend(TrainingBackend):
         return self.named_trainable
 
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
-        n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
-        dist.all_reduce(n)
-        return int(n.item())
+        return global_token_count(micro_batches)  # data parallel only: the world is the dp group
 
     def _world_sum(self, x: float) -> float:
         t = torch.tensor([x], dtype=torch.float64)
@@ -333,7 +332,7 @@ class DeepSpeedBackend(TrainingBackend):
             self._load(path, CHECKPOINT_TAG)
             return
         # Another dp size: go through DeepSpeed's universal (per-parameter) checkpoint.
-        tmp = _broadcast_obj(tempfile.mkdtemp(prefix="trellis-universal-") if self.ctx.rank == 0 else None)
+        tmp = broadcast_object(tempfile.mkdtemp(prefix="trellis-universal-") if self.ctx.rank == 0 else None)
         try:
             if self.ctx.rank == 0:
                 self.to_universal(path, str(Path(tmp) / UNIVERSAL_TAG))
@@ -390,9 +389,3 @@ def saved_dp_size(tag_dir: Path) -> int | None:
     """dp size a DeepSpeed checkpoint was written with (one optimizer-state file per dp rank), or None."""
     files = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     return len(files) or None
-
-
-def _broadcast_obj(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

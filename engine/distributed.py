@@ -65,6 +65,13 @@ def init_distributed(timeout_s: float) -> DistContext:
                        launcher=source)
 
 
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (pickled by torch; only our own small Python values)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def shutdown(clean: bool = True) -> None:
     """Tear the group down. On a clean exit every rank first meets at a barrier, so no rank destroys
     its gloo transport while a peer still has traffic in flight (seen as rare aborts at exit)."""

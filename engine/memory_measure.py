@@ -12,11 +12,9 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed.tensor import DTensor
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+from trellis.parallel.data_parallel import local as _local
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -15,7 +15,7 @@ from trellis.parallel.parallelize import ParallelModel, parallelize
 
 from .amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
 from .backend import StepResult, TrainingBackend
-from .data import IGNORE_INDEX, Batch
+from .data import Batch, global_token_count
 from .optim import build_optimizer, set_lr
 
 
@@ -56,9 +56,7 @@ class NativeBackend(TrainingBackend):
         return self.named_trainable
 
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
-        n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
-        dist.all_reduce(n, group=self.dp_group)
-        return int(n.item())
+        return global_token_count(micro_batches, self.dp_group)
 
     def _pipeline_loss(self, logits, labels):
         loss_sum, _ = causal_lm_loss_sum(logits, labels)

@@ -33,8 +33,7 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 from trellis.errors import ConfigError
 
 
-def _local(t):
-    return t.to_local() if isinstance(t, DTensor) else t
+from .data_parallel import local as _local
 
 
 def _kind_of(mod: nn.Module) -> str:

@@ -24,7 +24,7 @@ EXACT = {"train.eps": 1e-6, "train.steps": 3, "train.micro_batch_size": 1, "trai
 MT = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-opt": "opt", "tiny-bloom": "bloom", "tiny-neox": "gpt_neox"}
 
 
-def _run(world, cases, tmp_path, timeout=600):
+def _assert_matches_reference(world, cases, tmp_path, timeout=600):
     scenarios = [{"overrides": {**EXACT, **ov, "logging.metrics_file": str(tmp_path / f"{i}.jsonl")}}
                  for i, ov in enumerate(cases.values())]
     ranks = run_ranks(world, train_scenarios, scenarios, timeout=timeout)
@@ -54,7 +54,7 @@ def test_pp2_schedules_families_and_splits(tmp_path):
         "pp2 bloom (alibi, tied)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-bloom"},
         "pp2 neox (partial rotary)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-neox"},
     }
-    ranks = _run(2, cases, tmp_path)
+    ranks = _assert_matches_reference(2, cases, tmp_path)
     # tied copies on the first and last stage stay identical after the optimizer steps
     i = list(cases).index("pp2 gpt2 (tied embeddings)")
     st = ranks[0][i]["state"]
@@ -70,7 +70,7 @@ def test_pp2_tp2_and_dp2_pp2(tmp_path):
         "dp2·pp2 llama zero1": {"parallel.dp": 2, "parallel.pp": 2, "zero.stage": 1, "train.grad_accum": 2},
         "dp2·pp2 llama zero3": {"parallel.dp": 2, "parallel.pp": 2, "zero.stage": 3, "train.grad_accum": 2},
     }
-    _run(4, cases, tmp_path)
+    _assert_matches_reference(4, cases, tmp_path)
 
 
 def test_3d_dp2_pp2_tp2_on_8_ranks(tmp_path):
@@ -80,7 +80,7 @@ def test_3d_dp2_pp2_tp2_on_8_ranks(tmp_path):
                                                    "train.grad_accum": 2, "zero.stage": 2,
                                                    "activation_checkpointing.mode": "selective"},
     }
-    _run(8, cases, tmp_path, timeout=900)
+    _assert_matches_reference(8, cases, tmp_path, timeout=900)
 
 
 def test_split_layers_modes():
