@@ -195,7 +195,9 @@ class NativeBackend(TrainingBackend):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
 
         # PEFT: only adapters are trainable state; the frozen base comes from model.path.
-        return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True)
+        # Loading is strict except for PEFT, whose checkpoints hold only the adapters by design.
+        return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True,
+                                strict=self.cfg.peft.method == "none")
 
     def _current_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
