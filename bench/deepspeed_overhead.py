@@ -43,8 +43,12 @@ def raw_rank(a, out: str) -> None:
 
     cfg = configs.load("tiny-llama", overrides(a))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    deepspeed.init_distributed(dist_backend="gloo")
-    model, model_dir = build_model(cfg.model, seed=cfg.train.seed, device=torch.device("cpu"))
+    cuda = torch.cuda.is_available()  # same device choice as trellis (engine/distributed.py)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    model, model_dir = build_model(cfg.model, seed=cfg.train.seed, device=device)
     tok = load_tokenizer(find_tokenizer(model_dir, cfg.model.tokenizer))
     data, _ = build_dataset(cfg.data, tok, cfg.train.seed, 0)
     sampler = GlobalBatchSampler(data, micro_batch_size=a.mb, grad_accum=a.ga, dp_rank=rank, dp_size=world)
@@ -54,11 +58,13 @@ def raw_rank(a, out: str) -> None:
     for _ in range(a.steps):
         t0 = time.perf_counter()
         for b in sampler.next():
-            logits = engine(input_ids=b.input_ids).logits
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b.labels.reshape(-1),
+            logits = engine(input_ids=b.input_ids.to(device)).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b.labels.to(device).reshape(-1),
                                    ignore_index=-100)
             engine.backward(loss)
             engine.step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     if rank == 0:
         Path(out).write_text(json.dumps(times))

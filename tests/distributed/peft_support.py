@@ -204,8 +204,8 @@ def _inspect(trainer, cfg, rank: int) -> dict:
     logits = None
     if trainer.dims.pp == 1:
         with torch.no_grad():
-            lg = module(input_ids=probe_ids(trainer.hf_config.vocab_size)).logits
-            logits = (lg.full_tensor() if isinstance(lg, DTensor) else lg).detach().clone()
+            lg = module(input_ids=probe_ids(trainer.hf_config.vocab_size).to(trainer.ctx.device)).logits
+            logits = (lg.full_tensor() if isinstance(lg, DTensor) else lg).detach().cpu().clone()
     ckpt = str(trainer.checkpointer.last_saved) if trainer.checkpointer and trainer.checkpointer.last_saved else None
     return {"records": records, "memory": backend.memory_report(), "frozen_with_grad": frozen_with_grad,
             "non_adapter_in_opt": non_adapter_in_opt, "n_opt_params": len(owned), "drift": drift,
