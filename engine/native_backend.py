@@ -204,6 +204,16 @@ class NativeBackend(TrainingBackend):
 
         opts = self._optimizers()
         model_sd, optim_sd = get_state_dict(self.module, opts, options=self._state_options())
+        if self.cfg.peft.method != "none":
+            # Adapters only. A 4-bit base layer adds its quant-state buffers (absmax, quant_map, ...) to the
+            # module state dict: frozen base state rebuilt from model.path on resume, so saved it is dead
+            # weight, and its keys/shapes depend on tp (a 4-bit shard per rank), which would tie the
+            # checkpoint to one layout.
+            keep = {n for n, _ in self.named_trainable}
+            missing = keep - set(model_sd)
+            if missing:
+                raise RuntimeError(f"trainable parameters missing from the state dict: {sorted(missing)[:3]}")
+            model_sd = {k: v for k, v in model_sd.items() if k in keep}
         return {"model": model_sd, "optim": optim_sd if opts else {}}
 
     def save_state(self, path) -> None:
