@@ -41,17 +41,27 @@ class NativeBackend(TrainingBackend):
         self.dp_group = self.mesh["dp"].get_group()
         self.pp_group = self.mesh["pp"].get_group() if dims.pp_enabled else None
         stage = cfg.zero.stage
+        allow_empty = self._trainable_elsewhere()
         if stage == 1 and dims.dp > 1:
             self.optimizer = ZeroOneOptimizer(self.named_trainable, lambda nps: build_optimizer(nps, cfg.train),
                                               self.dp_group, dims.dp)
         else:
-            self.optimizer = build_optimizer(self.named_trainable, cfg.train)
+            self.optimizer = build_optimizer(self.named_trainable, cfg.train, allow_empty=allow_empty)
         self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.dp_group, dims.dp)
         self.scaler = DynamicLossScaler.from_config(cfg.precision)
         coord = dims.coordinate()
         self._counts_loss = coord["tp"] == 0 and (self.pm.pipeline is None or self.pm.pipeline.is_last)
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _trainable_elsewhere(self) -> bool:
+        """A pipeline stage without trainable parameters is fine if another stage has some (every stage
+        of the pp group takes part in the count)."""
+        if self.pm.pipeline is None:
+            return False
+        n = torch.tensor([len(self.params)], dtype=torch.int64, device=self.ctx.device)
+        dist.all_reduce(n, group=self.pp_group)
+        return int(n.item()) > 0
+
     def trainable_named_parameters(self):
         return self.named_trainable
 
@@ -189,7 +199,8 @@ class NativeBackend(TrainingBackend):
     # ---- checkpoint state (layout independent: FQN keys, DCP reshards on load) ----------------------
     def _optimizers(self) -> list[torch.optim.Optimizer]:
         inner = getattr(self.optimizer, "inner", self.optimizer)  # ZeRO-1: this rank's share
-        return [inner] if inner is not None else []
+        # a pipeline stage without trainable parameters (prompt tuning's later stages) has no state
+        return [inner] if inner is not None and any(g["params"] for g in inner.param_groups) else []
 
     def _state_options(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions

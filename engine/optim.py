@@ -35,12 +35,16 @@ def param_groups(params: list[torch.nn.Parameter], names: list[str], weight_deca
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], t) -> torch.optim.Optimizer:
+def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], t, allow_empty: bool = False) -> torch.optim.Optimizer:
+    """`allow_empty`: a pipeline stage may hold no trainable parameter (e.g. prompt tuning's virtual tokens
+    live on the first stage only); it then gets an optimizer with one empty group."""
     names = [n for n, _ in named_params]
     params = [p for _, p in named_params]
     groups = param_groups(params, names, t.weight_decay)
     if not groups:
-        raise ConfigError("no trainable parameters on this rank; check peft.target_modules and the layout")
+        if not allow_empty:
+            raise ConfigError("no trainable parameters on this rank; check peft.target_modules and the layout")
+        groups = [{"params": [], "weight_decay": 0.0}]
     if t.optimizer == "adamw":
         # foreach=False: the per-tensor loop is the reference implementation, bit-stable across layouts.
         return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, foreach=False)

@@ -8,8 +8,8 @@ Adapter init draws from a generator seeded by `adapter_seed(cfg)` right before i
 (and a 1-process peft reference seeded the same way) creates bit-identical adapters whatever ran before.
 QLoRA: with tp == 1 the decoder-block linears are quantized to 4 bit before injection; with tp > 1 they
 are tagged and the LoRA-aware TP plan quantizes each rank's shard (engine/quantize.py).
-Prompt tuning / P-tuning attach peft's prompt module in place (engine/peft_prompt.py); prefix tuning and
-P-tuning v2 (per-layer K/V) are refused with a clear error.
+Prompt tuning / P-tuning / prefix tuning / P-tuning v2 attach peft's prompt module in place
+(engine/peft_prompt.py; per-layer K/V prefixes are refused under pipeline parallel with a clear error).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prompt learning in place: prompt tuning and P-tuning without peft's model wrapper.
+"""Prompt learning in place: prompt tuning, P-tuning and prefix tuning / P-tuning v2 without peft's wrapper.
 
 peft implements virtual tokens by wrapping the model (PeftModel builds `inputs_embeds` itself), which
 the partitioned engine cannot use. We attach peft's own prompt module (PromptEmbedding / PromptEncoder)
@@ -9,9 +9,13 @@ and add two hooks:
   - on the LM head, first: drop the virtual positions from the hidden states, so the logits line up with
     the labels and the engine's loss is unchanged.
 Under tensor parallel the embedding output is replicated, so the prompt module is a plain replicated
-parameter whose gradient is the same on every tp rank. Pipeline parallel (virtual tokens on the first
-stage, the head on the last) and the per-layer K/V of prefix tuning / P-tuning v2 are not supported yet:
-clear ConfigErrors.
+parameter whose gradient is the same on every tp rank. Under pipeline parallel the stage forward does not
+call the decoder stack, so the model also carries `trellis_input_prefix` (called by the first stage right
+after the token embedding, before position embeddings / input norms, as HF does with inputs_embeds) and
+`trellis_first_stage_only` (the prompt module lives on the first stage only); the LM-head hook fires on the
+last stage, and the activations between stages carry seq_len + num_virtual_tokens positions (the pipeline
+infers its P2P shapes from the first micro-batch). Prefix tuning / P-tuning v2: see attach_prefix (dp and
+tp; refused under pp).
 """
 
 from __future__ import annotations
@@ -35,14 +39,28 @@ def prompt_config(cfg, hf_config):
         return peft.PromptTuningConfig(**common)
     if p.method == "ptuning":
         return peft.PromptEncoderConfig(encoder_hidden_size=hf_config.hidden_size, **common)
-    raise ConfigError(f"peft.method={p.method!r} puts key/value prefixes into every attention layer, which the "
-                      "partitioned engine does not support yet; use peft.method='prompt' or 'ptuning'")
+    if p.method in ("prefix", "ptuning_v2"):
+        from peft.utils.other import _prepare_prompt_learning_config
+
+        # P-tuning v2 = prefix tuning with the prefix reparameterised by a 2-layer MLP (prefix_projection).
+        # peft's own preparation fills token_dim / heads / layers from the model (kv heads under GQA).
+        pc = peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type="CAUSAL_LM",
+                                     prefix_projection=p.method == "ptuning_v2",
+                                     encoder_hidden_size=hf_config.hidden_size)
+        return _prepare_prompt_learning_config(pc, hf_config)
+    raise ConfigError(f"peft.method={p.method!r} is not a prompt-learning method")
+
+
+def is_prefix(cfg) -> bool:
+    return cfg.peft.method in ("prefix", "ptuning_v2")
 
 
 def check_layout(cfg) -> None:
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"peft.method={cfg.peft.method!r} with parallel.pp={cfg.parallel.pp}: virtual tokens are not "
-                          "supported under pipeline parallel yet; use parallel.pp=1 (dp and tp work)")
+    if is_prefix(cfg) and cfg.parallel.pp > 1:
+        raise ConfigError(f"peft.method={cfg.peft.method!r} with parallel.pp={cfg.parallel.pp}: per-layer key/value "
+                          "prefixes are not supported under pipeline parallel yet (a stage's blocks would need the "
+                          "prefix cache, offset positions and a prefix-aware causal mask); use parallel.pp=1 "
+                          "(dp and tp work), or peft.method='prompt'/'ptuning' which support pp")
     if cfg.parallel.sequence_parallel:
         raise ConfigError(f"peft.method={cfg.peft.method!r} does not support parallel.sequence_parallel; set it false")
 
@@ -52,6 +70,8 @@ def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
     import peft
 
     check_layout(cfg)
+    if is_prefix(cfg):
+        return attach_prefix(model, spec, cfg, seed)
     pc = prompt_config(cfg, model.config)
     embed = model.get_submodule(spec.embed_tokens)
     with torch.random.fork_rng(devices=[]):
@@ -67,9 +87,7 @@ def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
             ids, args = args[0], args[1:]
         if ids is None:
             return args, kwargs
-        tok = model.get_submodule(spec.embed_tokens)(ids)
-        virt = enc(torch.arange(n, device=ids.device).unsqueeze(0).expand(ids.shape[0], n)).to(tok.dtype)
-        kwargs["inputs_embeds"] = torch.cat([virt, tok], dim=1)
+        kwargs["inputs_embeds"] = with_virtual_tokens(model, model.get_submodule(spec.embed_tokens)(ids))
         return args, kwargs
 
     def drop_virtual_positions(module, args):
@@ -77,4 +95,77 @@ def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
 
     stack.register_forward_pre_hook(prepend_virtual_tokens, with_kwargs=True)
     model.get_submodule(spec.lm_head).register_forward_pre_hook(drop_virtual_positions, prepend=True)
+    # for parallel/pipeline.py: the first stage embeds itself (the stack hook above never fires there)
+    model.trellis_input_prefix = with_virtual_tokens
+    model.trellis_first_stage_only = (PROMPT_MODULE,)
     return enc
+
+
+def with_virtual_tokens(root: nn.Module, tok: torch.Tensor) -> torch.Tensor:
+    """[virtual tokens | token embeddings] for the model or first pipeline stage `root`."""
+    enc = root.get_submodule(PROMPT_MODULE)
+    b, n = tok.shape[0], enc.embedding.num_embeddings
+    virt = enc(torch.arange(n, device=tok.device).unsqueeze(0).expand(b, n)).to(tok.dtype)
+    return torch.cat([virt, tok], dim=1)
+
+
+# ---- prefix tuning / P-tuning v2: per-layer key/value prefixes ---------------------------------------
+
+def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
+    """peft's PrefixEncoder under `peft_prompt`, and a pre-hook on the decoder stack that passes its output
+    as `past_key_values` (a fresh DynamicCache per forward, built as PeftModelForCausalLM.get_prompt does),
+    so HF itself offsets the positions by num_virtual_tokens and lets every token attend to the prefix.
+    Under tensor parallel each rank keeps the prefix heads of its own k/v projection shard (contiguous kv
+    heads, like the colwise k_proj/v_proj); the replicated encoder's gradient is summed over tp."""
+    import peft
+
+    pc = prompt_config(cfg, model.config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        enc = peft.tuners.prefix_tuning.PrefixEncoder(pc)
+    model.add_module(PROMPT_MODULE, enc)
+    n, layers, heads = pc.num_virtual_tokens, pc.num_layers, pc.num_attention_heads
+    head_dim = pc.token_dim // heads
+    stack = model.get_submodule(spec.layers.rsplit(".", 1)[0])
+    model.trellis_tp_mesh = None  # set by parallelize() when tensor parallel is on
+
+    def add_prefix_cache(module, args, kwargs):
+        from transformers import DynamicCache
+
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs["inputs_embeds"]
+        b = ref.shape[0]
+        kv = enc(torch.arange(n, device=ref.device).unsqueeze(0).expand(b, n))
+        kv = kv.view(b, n, layers * 2, heads, head_dim)
+        mesh = model.trellis_tp_mesh
+        if mesh is not None:
+            kv = _sum_grad_over(kv, mesh.get_group())
+            tp, r = mesh.size(), mesh.get_local_rank()
+            kv = kv[:, :, :, r * heads // tp:(r + 1) * heads // tp]
+        kv = kv.permute(2, 0, 3, 1, 4).split(2)  # per layer: [2, b, heads, n, head_dim]
+        kwargs["past_key_values"] = DynamicCache(list(kv))
+        return args, kwargs
+
+    stack.register_forward_pre_hook(add_prefix_cache, with_kwargs=True)
+    return enc
+
+
+class _SumGrad(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over `group` (each tp rank used only its heads)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        import torch.distributed as dist
+
+        g = g.contiguous()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def _sum_grad_over(x: torch.Tensor, group) -> torch.Tensor:
+    return _SumGrad.apply(x, group)

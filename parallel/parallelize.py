@@ -69,6 +69,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
 
         apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=cfg.parallel.sequence_parallel)
         loss_parallel = True
+        if hasattr(model, "trellis_tp_mesh"):  # PEFT prefix tuning keeps the k/v prefix heads of its shard
+            model.trellis_tp_mesh = mesh["tp"]
 
     # 3. pipeline split
     pipeline = None

@@ -92,9 +92,12 @@ class StageModule(nn.Module):
         kept = nn.ModuleDict({str(i): layers[i] for i in layer_range})
         parent_path, _, attr = spec.layers.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, kept)
+        # PEFT virtual tokens (engine/peft_prompt.py): embeds -> [virtual | embeds], first stage only
+        self.input_prefix = getattr(model, "trellis_input_prefix", None) if is_first else None
         drop = []
         if not is_first:
-            drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm]
+            drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm,
+                     *getattr(model, "trellis_first_stage_only", ())]
         if not is_last:
             drop += [spec.final_norm, spec.lm_head]
         for path in filter(None, drop):

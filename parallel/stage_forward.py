@@ -20,14 +20,17 @@ def _positions(x: torch.Tensor) -> torch.Tensor:
 
 def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor) -> torch.Tensor:
     h = stage.get_submodule(spec.embed_tokens)(input_ids)
+    if getattr(stage, "input_prefix", None) is not None:  # PEFT virtual tokens: positions then cover them
+        h = stage.input_prefix(stage, h)
     if spec.name == "opt":
         dec = stage.get_submodule(spec.backbone)
         if dec.project_in is not None:
             h = dec.project_in(h)
-        pos = _positions(input_ids)
-        h = h + dec.embed_positions(torch.ones_like(input_ids), 0, position_ids=pos)
+        pos = _positions(h)
+        h = h + dec.embed_positions(torch.ones(h.shape[:2], dtype=input_ids.dtype, device=h.device), 0,
+                                    position_ids=pos)
     elif spec.position_embedding:
-        h = h + stage.get_submodule(spec.position_embedding)(_positions(input_ids))
+        h = h + stage.get_submodule(spec.position_embedding)(_positions(h))
     if spec.embed_norm:
         h = stage.get_submodule(spec.embed_norm)(h)
     return h

@@ -34,6 +34,9 @@ def peft_config(cfg, targets):
         if p.method == "prompt":
             return peft.PromptTuningConfig(**kw)
         return peft.PromptEncoderConfig(encoder_hidden_size=64, **kw)
+    if p.method in ("prefix", "ptuning_v2"):  # P-tuning v2: prefix tuning with the MLP reparameterisation
+        return peft.PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type="CAUSAL_LM",
+                                       prefix_projection=p.method == "ptuning_v2", encoder_hidden_size=64)
     if p.method == "ia3":
         ff = [t for t in targets if t in ("gate_proj", "up_proj", "down_proj")]
         return peft.IA3Config(target_modules=list(targets), feedforward_modules=ff, task_type="CAUSAL_LM")

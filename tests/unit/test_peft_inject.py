@@ -36,20 +36,44 @@ def test_peft_config_per_method(method, cls):
 
 
 @pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
-def test_per_layer_prefixes_are_a_clear_config_error(method):
+def test_per_layer_prefixes_under_pipeline_parallel_are_a_clear_config_error(method):
     from trellis.engine.peft_inject import make_injector
 
-    cfg = _cfg(**{"peft.method": method})
-    with pytest.raises(ConfigError, match=f"peft.method='{method}'.*use peft.method='prompt' or 'ptuning'"):
+    cfg = _cfg(**{"peft.method": method, "parallel.pp": 2})
+    with pytest.raises(ConfigError, match=f"peft.method='{method}' with parallel.pp=2.*not supported under pipeline"):
         make_injector(cfg)(_model(cfg), SPEC)
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
-def test_virtual_tokens_under_pipeline_parallel_are_refused(method):
+def test_virtual_tokens_under_pipeline_parallel_pass_the_layout_check(method):
     from trellis.engine.peft_prompt import check_layout
 
-    with pytest.raises(ConfigError, match="parallel.pp=2"):
-        check_layout(_cfg(**{"peft.method": method, "parallel.pp": 2}))
+    check_layout(_cfg(**{"peft.method": method, "parallel.pp": 2}))  # proven on real ranks (test_peft_prompt_pp)
+    with pytest.raises(ConfigError, match="sequence_parallel"):
+        check_layout(_cfg(**{"peft.method": method, "parallel.tp": 2, "parallel.sequence_parallel": True}))
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_in_place_prefix_tuning_equals_peft_wrapper(method):
+    """Same seed -> same prefix encoder; the stack hook's prefix cache gives peft's logits."""
+    from peft import get_peft_model
+
+    from trellis.engine.peft_inject import adapter_seed, make_injector
+    from trellis.engine.peft_prompt import prompt_config
+
+    cfg = _cfg(**{"peft.method": method, "peft.num_virtual_tokens": 4})
+    ours = _model(cfg)
+    make_injector(cfg)(ours, SPEC)
+    assert [n for n, p in ours.named_parameters() if p.requires_grad][0] == "peft_prompt.embedding.weight"
+    base = _model(cfg)
+    torch.manual_seed(adapter_seed(cfg))
+    ref = get_peft_model(base, prompt_config(cfg, base.config))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 8))
+    got, want = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert got.shape[1] == 8 and torch.equal(got, want)
+    with torch.no_grad():
+        plain = ref.get_base_model()(input_ids=ids).logits
+    assert (plain - want).abs().max().item() > 1e-4  # the prefix changes the outputs
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
