@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from trellis.errors import ConfigError
 
-from .memory_activations import model_level_bytes, per_layer_bytes
+from .memory_activations import model_level_bytes, per_layer_bytes, regime
 from .memory_models import Linear, ModelDims, layer_linears, param_counts
 
 KEYS = ("params", "grads", "optimizer_states", "master_weights", "activations", "logits", "buffers", "total",
@@ -230,6 +230,7 @@ class StageParams:
     adapters: float
     largest_layer: float
     root: float  # params outside the decoder blocks on this stage
+    head: float = 0.0  # the LM head's weight on this stage (tied: the embedding's), per tp rank
 
 
 def stage_layers(d: ModelDims, pp: int) -> list[int]:
@@ -259,8 +260,9 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
     adapters = 0.0
     if s.peft != "none":
         adapters = sum(adapter_params(x, s) for x in _targets(d, s)) * n_layers
+    head_w = (pc.head or pc.vocab_embedding) / tp if last else 0.0
     return StageParams(linear_w=w * n_layers, other=per_other * n_layers + root, adapters=adapters,
-                       largest_layer=w + per_other, root=root)
+                       largest_layer=w + per_other, root=root, head=head_w)
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
@@ -341,10 +343,10 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             r.buffers += (sp.linear_w + sp.other) * gather_b  # all blocks stay gathered fwd -> bwd
         elif native and z == 3:
             r.buffers += (sp.root + 2 * sp.largest_layer) * gather_b
-        elif native and mixed and quant == "none":
-            # autocast's low-precision weight copies, kept for backward. A 4-bit base dequantizes inside
-            # each call and keeps only the packed weight, so it has no such copy.
-            r.buffers += sp.linear_w * c
+        elif native and mixed:
+            # autocast's low-precision copies of every matmul weight (block linears, LM head, adapters), kept
+            # for backward. A 4-bit base dequantizes inside each call and keeps only the packed weight.
+            r.buffers += ((sp.linear_w if quant == "none" else 0.0) + sp.head + (sp.adapters if peft else 0.0)) * c
         if s.seq_len:
             _activations(d, s, stage, n_layers, c, r)
         ranks.append(r)
@@ -374,10 +376,12 @@ def _activations(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int, c: i
     adapter = 0.0
     if peft:  # LoRA-family: each target keeps its r-wide lora_A output (IA3 keeps nothing extra)
         adapter = 0.0 if s.peft == "ia3" else s.lora_r * len(_targets(d, s))
+    mode = regime(s.precision, s.backend, s.zero)
     lb = per_layer_bytes(d, tokens=tokens, seq=s.seq_len, tp=s.tp, sp=s.sequence_parallel, act_bytes=c,
-                         ckpt=s.activation_checkpointing, frozen_base=peft, adapter_elems=adapter)
+                         ckpt=s.activation_checkpointing, frozen_base=peft, adapter_elems=adapter, mode=mode,
+                         quantized=(s.quant if s.quant != "none" else ("nf4" if s.peft == "qlora" else "none")) != "none")
     ml = model_level_bytes(d, tokens=tokens, seq=s.seq_len, tp=s.tp, act_bytes=c, first=stage == 0,
-                           last=stage == s.pp - 1, frozen_base=peft)
+                           last=stage == s.pp - 1, frozen_base=peft, mode=mode, ckpt=s.activation_checkpointing)
     r.activations = k * (lb["kept"] * n_layers + ml["embedding"] + ml["final_norm"]) + lb["recompute"]
     r.logits = k * ml["logits"]
     if ml["logits"]:
@@ -393,8 +397,8 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
                        + ("; frozen base quantized: " + quant if quant != "none" else ""))
         f["grads"] = "4Ψ (fp32 grads of trainable params)" + (" /Nd" if z >= 2 else "")
         f["master_weights"] = "0: the fp32 params are the master copy (FSDP2 MixedPrecisionPolicy / autocast)"
-        f["buffers"] = {0: "autocast low-precision copy of the linear weights" if mixed else "none",
-                        1: "autocast low-precision copy of the linear weights" if mixed else "none",
+        f["buffers"] = {0: "autocast low-precision copy of the linear + head (+ adapter) weights" if mixed else "none",
+                        1: "autocast low-precision copy of the linear + head (+ adapter) weights" if mixed else "none",
                         2: "reshard_after_forward=False: all blocks' unsharded params stay gathered (compute dtype)",
                         3: "reshard_after_forward=True: root (embedding, norm, head) + 2 blocks gathered"}[z]
     else:

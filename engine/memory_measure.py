@@ -71,42 +71,90 @@ def optimizer_state_bytes(optimizer) -> int:
     return total
 
 
+def _is_param_cast(t: torch.Tensor, param_shapes: set) -> bool:
+    """A low-precision copy of a weight made by autocast (kept for backward), not an activation.
+
+    Trainable weight: its grad_fn is the cast (ToCopy, possibly through a transpose) of a leaf. Frozen
+    weight: the copy has no autograd history; it is recognised by a parameter's shape (either orientation),
+    so measurements must use a token count that is not a parameter dimension."""
+    fn = t.grad_fn
+    while fn is not None and type(fn).__name__ in ("TBackward0", "TransposeBackward0", "PermuteBackward0"):
+        fn = fn.next_functions[0][0]
+    if fn is not None:
+        return type(fn).__name__ == "ToCopyBackward0" and \
+            type(fn.next_functions[0][0]).__name__ == "AccumulateGrad"
+    return (not t.requires_grad and t.is_floating_point() and t.dim() == 2 and t.dtype != torch.float32
+            and tuple(t.shape) in param_shapes)
+
+
 @dataclass
 class SavedTensorMeter:
     """Counts the unique storages autograd saves while active; `peak` = their bytes at end of forward.
 
-    Only storages that are not parameters count (weights are saved by reference). Call inside forward
-    only: the saved tensors are freed by backward, so their total right before backward is the peak.
+    Only storages that are not parameters count (weights are saved by reference). Autocast's 16-bit weight
+    copies are counted apart (`weight_copies`: the estimator lists them under buffers). Inputs held by
+    activation-checkpointed modules (`module._trellis_checkpointed`) count as activations: the checkpoint
+    keeps them alive for the recompute. Call inside forward only: the saved tensors are freed by backward,
+    so their total right before backward is the peak (recomputation inside backward is not seen).
     """
 
     exclude: set[int] = field(default_factory=set)
+    param_shapes: set = field(default_factory=set)
+    checkpointed: list = field(default_factory=list)
     storages: dict[int, int] = field(default_factory=dict)
     by_dtype: dict[str, int] = field(default_factory=dict)
+    weight_copies: int = 0
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> "SavedTensorMeter":
-        ex = set()
+        ex, shapes = set(), set()
         for p in model.parameters():
-            ex.add(_local(p.data).untyped_storage().data_ptr())
+            lp = _local(p.data)
+            ex.add(lp.untyped_storage().data_ptr())
+            if lp.dim() == 2:
+                shapes.update({tuple(lp.shape), tuple(lp.shape[::-1])})
         for b in model.buffers():
             ex.add(b.untyped_storage().data_ptr())
-        return cls(exclude=ex)
+        ckpt = [m for m in model.modules() if getattr(m, "_trellis_checkpointed", False)]
+        return cls(exclude=ex, param_shapes=shapes, checkpointed=ckpt)
+
+    def _add(self, t: torch.Tensor) -> None:
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return  # a weight or a view of it (e.g. FSDP2's unsharded params, registered during forward)
+        lt = _local(t)
+        if lt.device.type == "meta" or lt.numel() == 0:
+            return
+        st = lt.untyped_storage()
+        key = st.data_ptr()
+        if key in self.exclude or key in self.storages:
+            return
+        self.exclude.add(key)
+        if _is_param_cast(t, self.param_shapes):
+            self.weight_copies += st.nbytes()
+            return
+        self.storages[key] = st.nbytes()
+        d = str(lt.dtype).removeprefix("torch.")
+        self.by_dtype[d] = self.by_dtype.get(d, 0) + st.nbytes()
 
     def _pack(self, t: torch.Tensor):
-        lt = _local(t)
-        if lt.device.type != "meta" and lt.numel() > 0:
-            st = lt.untyped_storage()
-            key = st.data_ptr()
-            if key not in self.exclude and key not in self.storages:
-                self.storages[key] = st.nbytes()
-                d = str(lt.dtype).removeprefix("torch.")
-                self.by_dtype[d] = self.by_dtype.get(d, 0) + st.nbytes()
+        self._add(t)
         return t
+
+    def _checkpoint_inputs(self, module, args, kwargs) -> None:
+        for a in (*args, *kwargs.values()):
+            for x in (a if isinstance(a, (tuple, list)) else (a,)):
+                if torch.is_tensor(x) and x.is_floating_point():
+                    self._add(x)
 
     @contextlib.contextmanager
     def track(self):
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
-            yield self
+        handles = [m.register_forward_pre_hook(self._checkpoint_inputs, with_kwargs=True) for m in self.checkpointed]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+                yield self
+        finally:
+            for h in handles:
+                h.remove()
 
     @property
     def peak(self) -> int:

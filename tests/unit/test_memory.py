@@ -154,3 +154,24 @@ def test_full_checkpointing_keeps_block_inputs():
     acts = {m: estimate(d, TrainingSetup(activation_checkpointing=m, seq_len=4096)).ranks[0].activations
             for m in ("none", "selective", "full")}
     assert acts["full"] < acts["selective"] < acts["none"]
+
+
+def test_mixed_precision_regimes_llama_layer_hand_derived():
+    """Bytes one Llama-2-7B layer keeps per token (h=4096, 32 heads, 32 kv heads, ffn 11008), derived from
+    what HF's ops save (measured on the tiny model in tests/distributed/test_memory_engine_validation.py):
+    - both regimes: sdpa keeps q, k, v, out (4·4096 16-bit) + a logsumexp per head (32 fp32); SwiGLU keeps
+      gate, silu(gate), up, gate·up (4·11008 16-bit).
+    - autocast (params fp32): each RMSNorm keeps its fp32 input, x·rsqrt (2·4096·4 B) and rsqrt (4 B); its
+      fp32 output is not kept, but each consuming linear keeps its own 16-bit cast: 3 (q, k, v) + 2 (gate, up).
+    - cast (module in 16-bit): each RMSNorm keeps an fp32 copy of its input (4096·4 B), rsqrt (4 B), the
+      16-bit normalised value and output (2·4096·2 B), shared by the consumers."""
+    from trellis.engine.memory_activations import per_layer_bytes
+
+    d = resolve_model("llama-2-7b")
+    h, f = 4096, 11008
+    common = 2 * (4 * h + 4 * f) + 32 * 4
+    autocast = 2 * (2 * h * 4 + 4) + 2 * (3 + 2) * h + common
+    cast = 2 * (h * 4 + 4 + 2 * h * 2) + common
+    for mode, want in (("autocast", autocast), ("cast", cast)):
+        got = per_layer_bytes(d, tokens=1, seq=1, tp=1, sp=False, act_bytes=2, ckpt="none", mode=mode)["kept"]
+        assert got == want, (mode, got, want)
