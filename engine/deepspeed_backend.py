@@ -377,11 +377,15 @@ class DeepSpeedBackend(TrainingBackend):
 
 
 def _master_partitions(optimizer) -> list[torch.Tensor]:
-    """The fp32 master tensors DeepSpeed's optimizer keeps on this rank (ZeRO-1/2, ZeRO-3, bf16 wrapper)."""
-    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+    """The fp32 master tensors DeepSpeed's optimizer keeps on this rank: ZeRO-1/2, ZeRO-3, the bf16 wrapper,
+    and at ZeRO-0 the 16-bit wrappers (FP16_Optimizer: flat groups; FP16_UnfusedOptimizer, which DeepSpeed
+    also uses for bf16 without ZeRO: per-parameter fp32 copies)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups_flat", "fp32_groups"):
         ts = getattr(optimizer, attr, None)
         if ts:
-            return [t for t in ts if torch.is_tensor(t)]
+            flat = [t for g in ts for t in (g if isinstance(g, (list, tuple)) else [g])]
+            return [t for t in flat if torch.is_tensor(t)]
     return []  # ZeRO-0 fp32: the torch optimizer updates the model parameters themselves
 
 

@@ -312,7 +312,10 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             if z >= 1:
                 optim, master = optim / dp, master / dp
             if z >= 2:
-                grads /= dp
+                # DeepSpeed reduces each gradient into this rank's fp32 partition (the one the fp32 master step
+                # reads; the 16-bit gradients only pass through the reduce buckets). `--params N` alone keeps
+                # the ZeRO paper's classic accounting (16-bit gradient partition, 2Ψ/Nd).
+                grads = (grads if d.raw_params else trainable * 4) / dp
             if z == 3:
                 params /= dp
                 by = {k: v / dp for k, v in by.items()}
@@ -405,7 +408,8 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
         pb = "2Ψ" if mixed else "4Ψ"
         f["params"] = f"{pb} ({s.precision} params)" + (" /Nd" if z == 3 else "") + (
             "; frozen base quantized: " + quant if quant != "none" else "")
-        f["grads"] = f"{pb} ({s.precision} grads)" + (" /Nd" if z >= 2 else "")
+        f["grads"] = (f"{pb} ({s.precision} grads)" if z < 2 else
+                      "4Ψ/Nd (DeepSpeed's fp32 gradient partition; classic --params accounting: " + pb + "/Nd)")
         f["master_weights"] = (("4Ψ fp32 master copy" + (" /Nd" if z >= 1 else "")) if mixed else
                            ("4Ψ/Nd flat fp32 partition of DeepSpeed's ZeRO optimizer" if z >= 1 else "0 (fp32 training)"))
         f["buffers"] = "DeepSpeed buckets not counted (reduce/allgather bucket sizes are configurable)"

@@ -49,15 +49,11 @@ CASES.update({
     "bf16 lora full-ckpt zero0": {"precision.dtype": "bf16", "zero.stage": 0, "peft.method": "lora",
                                   "activation_checkpointing.mode": "full"},
 })
-# DeepSpeed backend, dp 2. Known disagreements between the classic accounting the estimator uses and what
-# the engine reports (strict xfail: they flip to failures once the estimator or memory_report is fixed):
-#  - bf16 ZeRO>=2: memory_report counts the grad partition as fp32 (4Ψ/dp), classic says 2Ψ/dp;
-#  - bf16 ZeRO-0: memory_report finds no master tensors although Adam's states are fp32 (8Ψ), so DeepSpeed's
-#    bf16 optimizer holds fp32 copies that `_master_partitions` does not see (estimator: 4Ψ).
+# DeepSpeed backend, dp 2. DeepSpeed's own layout, measured: at ZeRO-2/3 the gradient partition is fp32 (4Ψ/dp,
+# not the classic 2Ψ/dp: the 16-bit gradients only pass through the reduce buckets); at ZeRO-0 bf16 runs
+# through FP16_UnfusedOptimizer, whose per-parameter fp32 copies are the master weights (4Ψ).
 DS_CASES = {f"ds {prec} zero{z}": {"zero.backend": "deepspeed", "precision.dtype": prec, "zero.stage": z}
             for prec in ("fp32", "bf16") for z in range(4)}
-DS_KNOWN_GAPS = {"ds bf16 zero0": "master_weights",
-                 "ds bf16 zero2": "grads", "ds bf16 zero3": "grads"}
 
 
 def meter_activations(trainer, rank) -> None:
@@ -143,17 +139,9 @@ def ds_runs():
     return {name: [per_rank[r][i]["memory"] for r in range(2)] for i, name in enumerate(DS_CASES)}
 
 
-def _ds_params():
-    for name in DS_CASES:
-        for key in ("params", "grads", "optimizer_states", "master_weights"):
-            marks = []
-            if DS_KNOWN_GAPS.get(name) == key:
-                marks = [pytest.mark.xfail(strict=True, reason="classic accounting vs DeepSpeed, see DS_KNOWN_GAPS")]
-            yield pytest.param(name, key, marks=marks, id=f"{name}-{key}")
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name,key", list(_ds_params()))
+@pytest.mark.parametrize("key", ["params", "grads", "optimizer_states", "master_weights"])
+@pytest.mark.parametrize("name", list(DS_CASES))
 def test_deepspeed_model_states_match_engine(ds_runs, name, key):
     from trellis.engine.memory import estimate
     from trellis.engine.memory_models import resolve_model
