@@ -25,6 +25,8 @@ from torch import nn
 
 from trellis.errors import ConfigError
 
+from .distributed import sum_grad_over
+
 PROMPT_MODULE = "peft_prompt"
 
 
@@ -139,7 +141,7 @@ def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
         kv = kv.view(b, n, layers * 2, heads, head_dim)
         mesh = model.trellis_tp_mesh
         if mesh is not None:
-            kv = _sum_grad_over(kv, mesh.get_group())
+            kv = sum_grad_over(kv, mesh.get_group())
             tp, r = mesh.size(), mesh.get_local_rank()
             kv = kv[:, :, :, r * heads // tp:(r + 1) * heads // tp]
         kv = kv.permute(2, 0, 3, 1, 4).split(2)  # per layer: [2, b, heads, n, head_dim]
@@ -150,22 +152,3 @@ def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
     return enc
 
 
-class _SumGrad(torch.autograd.Function):
-    """Identity forward; backward sums the gradient over `group` (each tp rank used only its heads)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        import torch.distributed as dist
-
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-def _sum_grad_over(x: torch.Tensor, group) -> torch.Tensor:
-    return _SumGrad.apply(x, group)

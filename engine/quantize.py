@@ -22,6 +22,8 @@ from torch import nn
 
 from trellis.errors import ConfigError
 
+from .distributed import sum_grad_over
+
 QUANT_ATTR = "_trellis_quant"  # set on linears whose (local shard of the) weight is quantized under TP
 
 
@@ -103,21 +105,6 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 # ---- the tensor-parallel 4-bit shard --------------------------------------------------------------
 
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward; all-reduce of the input gradient (the column-parallel 'f' operator)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
 class _ReduceFromTP(torch.autograd.Function):
     """All-reduce forward of partial sums; identity backward (the row-parallel 'g' operator)."""
 
@@ -164,5 +151,5 @@ class TPLinear4bit(nn.Module):
         if self.kind == "rowwise":
             y = _ReduceFromTP.apply(self.inner(x), self.group)
         else:
-            y = self.inner(_CopyToTP.apply(x, self.group))
+            y = self.inner(sum_grad_over(x, self.group))  # column-parallel "f"
         return y if self.bias is None else y + self.bias.to(y.dtype)
