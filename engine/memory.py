@@ -61,6 +61,7 @@ class TrainingSetup:
     sequence_parallel: bool = False
     gpu_mem: float = 0.0  # bytes; 0 = no verdict
     gpus_per_node: int = 8
+    host_mem: float = 0.0  # host RAM per node in bytes (for CPU offload); 0 = no verdict
 
     @property
     def world(self) -> int:
@@ -119,6 +120,11 @@ class MemoryEstimate:
         per_node = min(self.setup.gpus_per_node, self.setup.world)
         return max(r.cpu_offload for r in self.ranks) * per_node
 
+    @property
+    def host_fits(self) -> bool | None:
+        """Whether the CPU-offloaded states of a node's ranks fit in --host-mem (None: not asked)."""
+        return None if not self.setup.host_mem else self.host_ram_per_node() <= self.setup.host_mem
+
     def as_dict(self) -> dict:
         from .memory_models import total_params
 
@@ -134,6 +140,8 @@ class MemoryEstimate:
             "fits": self.fits,
             "margin": (self.setup.gpu_mem - w.total) if self.setup.gpu_mem else None,
             "host_ram_per_node": int(self.host_ram_per_node()),
+            "host_mem": self.setup.host_mem or None,
+            "host_fits": self.host_fits,
             "notes": self.notes,
         }
 

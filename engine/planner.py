@@ -143,6 +143,11 @@ def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0)
                                 rejected.append((c.name, f"worst rank needs {est.worst_rank.total / 1e9:.1f} GB, "
                                                          f"{over / 1e9:.1f} GB over --gpu-mem"))
                                 continue
+                            if est.host_fits is False:
+                                need = est.host_ram_per_node()
+                                rejected.append((c.name, f"CPU offload needs {need / 1e9:.1f} GB host RAM per node, "
+                                                         f"{(need - s.host_mem) / 1e9:.1f} GB over --host-mem"))
+                                continue
                             feasible.append(c)
     feasible.sort(key=lambda c: (-c.tokens_per_s, c.estimate.worst_rank.total))
     return PlanResult(feasible, rejected)

@@ -37,3 +37,25 @@ def test_plan_prints_snippet_and_plot(capsys, tmp_path):
     assert png.stat().st_size > 1000
     assert main(["plan", "--model", "llama-2-70b", "--gpus", "1", "--gpu-mem", "1GB"]) == 1
     assert "no layout fits" in capsys.readouterr().out
+
+
+def test_host_ram_bound_for_cpu_offload(capsys):
+    """Llama-2-70B, 8 ranks on one node, native ZeRO-3 + CPU offload: each rank moves its shard of fp32
+    params, grads and Adam m, v (16 bytes x 68.98e9 / 8 = 137.95 GB) to the host, 1.10 TB per node. 2 TB of
+    host RAM fits, 256 GB does not; the planner drops every offload layout that needs more than --host-mem."""
+    args = ["estimate-memory", "--model", "llama-2-70b", "--dp", "8", "--zero", "3", "--offload-optimizer", "cpu",
+            "--backend", "native", "--json"]
+    assert main(args + ["--host-mem", "2TB"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    psi = doc["model"]["total_params"]
+    assert doc["host_ram_per_node"] == int(16 * psi / 8 * 8) and doc["host_fits"] is True
+    assert main(args + ["--host-mem", "256GB"]) == 1
+    assert json.loads(capsys.readouterr().out)["host_fits"] is False
+    plan = ["plan", "--model", "llama-2-70b", "--gpus", "8", "--gpu-mem", "80GB", "--seq-len", "2048", "--json"]
+    assert main(plan) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert any(c["setup"]["offload_optimizer"] == "cpu" for c in free["feasible"])
+    main(plan + ["--host-mem", "256GB"])
+    bounded = json.loads(capsys.readouterr().out)
+    assert not any(c["setup"]["offload_optimizer"] == "cpu" for c in bounded["feasible"])
+    assert any("over --host-mem" in r["reason"] for r in bounded["rejected"])

@@ -69,6 +69,7 @@ def _add_training_args(p: argparse.ArgumentParser, layout: bool) -> None:
     g.add_argument("--seq-len", type=int, default=None, help="0 = model states only")
     g.add_argument("--gpu-mem", default=None, help="device memory per GPU, e.g. 80GB")
     g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--host-mem", default=None, help="host RAM per node for CPU offload, e.g. 512GB")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -133,12 +134,14 @@ def build(args) -> tuple:
         raise ConfigError("missing model: pass --model NAME|DIR|config.json, --params N, or --config FILE.toml")
     for key in TrainingSetup.__dataclass_fields__:
         v = getattr(args, key, None)
-        if v is not None and key not in ("gpu_mem", "lora_targets"):
+        if v is not None and key not in ("gpu_mem", "host_mem", "lora_targets"):
             base[key] = v
     if args.lora_targets:
         base["lora_targets"] = tuple(t for t in args.lora_targets.split(",") if t)
     if args.gpu_mem:
         base["gpu_mem"] = parse_bytes(args.gpu_mem)
+    if args.host_mem:
+        base["host_mem"] = parse_bytes(args.host_mem, "--host-mem")
     base["gpus_per_node"] = args.gpus_per_node
     return d, TrainingSetup(**base)
 
@@ -157,7 +160,7 @@ def _estimate(args) -> int:
         print(json.dumps(est.as_dict(), indent=2))
     else:
         print(render(est, explain=args.explain))
-    return 0 if est.fits is not False else 1
+    return 0 if est.fits is not False and est.host_fits is not False else 1
 
 
 ROWS = (("params", "params"), ("grads", "grads"), ("optimizer_states", "optimizer state"),
@@ -182,7 +185,12 @@ def render(est, explain: bool = False) -> str:
     lines.append(f"{'total (GPU)':<22}" + "".join(f"{fmt(r.total):>{w}}" for r in est.ranks))
     if any(r.cpu_offload for r in est.ranks):
         lines.append(f"{'offloaded to CPU':<22}" + "".join(f"{fmt(r.cpu_offload):>{w}}" for r in est.ranks))
-        lines.append(f"host RAM per node: {fmt(est.host_ram_per_node())} ({min(s.gpus_per_node, s.world)} ranks)")
+        host = f"host RAM per node: {fmt(est.host_ram_per_node())} ({min(s.gpus_per_node, s.world)} ranks)"
+        if s.host_mem:
+            diff = s.host_mem - est.host_ram_per_node()
+            host += (f" vs --host-mem {fmt(s.host_mem)}: " +
+                     (f"fits with {fmt(diff)} to spare" if diff >= 0 else f"does NOT fit: {fmt(-diff)} over"))
+        lines.append(host)
     if any(r.nvme_offload for r in est.ranks):
         lines.append(f"{'offloaded to NVMe':<22}" + "".join(f"{fmt(r.nvme_offload):>{w}}" for r in est.ranks))
     wr = est.worst_rank
