@@ -21,7 +21,8 @@ from trellis.errors import ConfigError
 from .memory_activations import model_level_bytes, per_layer_bytes, regime
 from .memory_models import Linear, ModelDims, layer_linears, param_counts
 
-KEYS = ("params", "grads", "optimizer_states", "master_weights", "activations", "logits", "buffers", "total",
+KEYS = ("params", "grads", "optimizer_states", "master_weights", "activations", "logits", "buffers", "comm_buffers",
+        "allocator", "total",
         "cpu_offload", "nvme_offload")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PEFT_METHODS = ("none", "lora", "rslora", "dora", "qlora", "ia3")
@@ -80,6 +81,8 @@ class RankMemory:
     activations: float = 0.0
     logits: float = 0.0
     buffers: float = 0.0
+    comm_buffers: float = 0.0  # gradient all-reduce / reduce-scatter buffers
+    allocator: float = 0.0  # caching-allocator fragmentation allowance
     cpu_offload: float = 0.0
     nvme_offload: float = 0.0
     params_by_dtype: dict = field(default_factory=dict)
@@ -89,7 +92,7 @@ class RankMemory:
     @property
     def total(self) -> float:
         return (self.params + self.grads + self.optimizer_states + self.master_weights + self.activations
-                + self.logits + self.buffers)
+                + self.logits + self.buffers + self.comm_buffers + self.allocator)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -358,13 +361,41 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             # autocast's low-precision copies of every matmul weight (block linears, LM head, adapters), kept
             # for backward. A 4-bit base dequantizes inside each call and keeps only the packed weight.
             r.buffers += ((sp.linear_w if quant == "none" else 0.0) + sp.head + (sp.adapters if peft else 0.0)) * c
-        if s.seq_len:
+        if s.seq_len:  # a whole training step (with only model states asked for, the classic figures)
             _activations(d, s, stage, n_layers, c, r)
+            r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c)
+            r.allocator = ALLOCATOR_ALLOWANCE * r.total
         ranks.append(r)
     worst = max(range(len(ranks)), key=lambda i: (ranks[i].total, -i))
     if s.pp > 1 and worst != 0:
         notes.append(f"the worst rank is on {ranks[worst].label} (rank {ranks[worst].first_rank}), not rank 0")
     return MemoryEstimate(d, s, ranks, worst, sorted(set(notes)), formulas(s, native, mixed, quant))
+
+
+# PyTorch's caching allocator rounds and splits blocks: reserved memory runs a few % above what tensors
+# hold (what OOMs is reserved memory). A documented allowance, not a measurement.
+ALLOCATOR_ALLOWANCE = 0.05
+DS_REDUCE_BUCKET = 5e8  # DeepSpeed zero_optimization.reduce_bucket_size default (elements)
+DS_PREFETCH_BUCKET = 5e7  # stage3_prefetch_bucket_size default (elements)
+
+
+def _comm_buffers(s: TrainingSetup, sp: "StageParams", native: bool, trainable: float, n_layers: int,
+                  c: int) -> float:
+    """Bytes of the gradient-communication buffers on one rank (transient, at the step's peak)."""
+    if native:
+        if s.dp == 1:
+            return 0.0
+        if s.zero <= 1:  # the engine all-reduces one flattened fp32 copy of this rank's gradients
+            return trainable * 4
+        # FSDP2 reduce-scatters one block's unsharded fp32 gradients at a time
+        per_block = trainable / max(n_layers, 1) if s.peft != "none" else sp.largest_layer
+        return per_block * 4
+    if s.zero == 0:
+        return 0.0 if s.dp == 1 else trainable * c  # DeepSpeed's flattened all-reduce bucket
+    out = min(DS_REDUCE_BUCKET, trainable) * c  # contiguous_gradients: the reduce bucket
+    if s.zero == 3:
+        out += min(DS_PREFETCH_BUCKET, sp.linear_w + sp.other) * c  # parameter prefetch bucket
+    return out
 
 
 def _dt(nbytes: int) -> str:
@@ -429,6 +460,10 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
                         "selective drops attention internals; x micro-batches in flight "
                         "(1F1B: pp - stage, GPipe: grad_accum)")
     f["logits"] = "micro_batch x seq x vocab/tp x 4 bytes: fp32 log-probs kept by the cross-entropy"
+    f["comm_buffers"] = ("native: ZeRO-0/1 one flat fp32 copy of the grads (4Ψ), ZeRO-2/3 one block's fp32 grads "
+                         "for the reduce-scatter; DeepSpeed: min(reduce_bucket_size 5e8, Ψ) (+ ZeRO-3 prefetch "
+                         "bucket 5e7) elements; only with --seq-len (a whole step)")
+    f["allocator"] = f"{ALLOCATOR_ALLOWANCE:.0%} of the lines above: caching-allocator fragmentation allowance"
     f["cpu_offload"] = "offloaded optimizer state + fp32 master (+ fp32 grads at stage >= 2) / params"
     f["nvme_offload"] = "ZeRO-Infinity: optimizer state + master and/or params on NVMe"
     return f

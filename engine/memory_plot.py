@@ -5,7 +5,8 @@ from __future__ import annotations
 from trellis.errors import UserError
 
 PARTS = (("params", "params"), ("grads", "grads"), ("optimizer_states", "optimizer"), ("master_weights", "master"),
-         ("activations", "activations"), ("logits", "logits"), ("buffers", "buffers"))
+         ("activations", "activations"), ("logits", "logits"), ("buffers", "buffers"), ("comm_buffers", "comm"),
+         ("allocator", "allocator"))
 
 
 def plot_ranks(bars: list[tuple[str, object]], path: str, *, title: str = "", gpu_mem: float = 0.0) -> None:

@@ -165,7 +165,7 @@ def _estimate(args) -> int:
 
 ROWS = (("params", "params"), ("grads", "grads"), ("optimizer_states", "optimizer state"),
         ("master_weights", "fp32 master weights"), ("activations", "activations"), ("logits", "logits (fp32)"),
-        ("buffers", "buffers"))
+        ("buffers", "buffers"), ("comm_buffers", "comm buffers"), ("allocator", "allocator allowance"))
 
 
 def render(est, explain: bool = False) -> str:
