@@ -26,7 +26,8 @@ from .models import FamilySpec, family_for
 
 @dataclass
 class ParallelModel:
-    module: torch.nn.Module              # this rank's model (whole model, or its pipeline stage)
+    module: torch.nn.Module              # this rank's model: whole model, its pipeline stage, or a StageUnion
+                                         # of its two virtual stages (interleaved 1F1B)
     spec: FamilySpec
     dims: ParallelDims
     blocks: list[torch.nn.Module]
@@ -80,9 +81,6 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
 
         pipeline = build_pipeline(model, spec, mesh["pp"], schedule=cfg.parallel.pp_schedule,
                                   n_microbatches=cfg.train.grad_accum, split_mode=cfg.parallel.pp_split, loss_fn=loss_fn)
-        if len(pipeline.stage_modules) != 1:
-            raise ConfigError("parallel.pp_schedule='interleaved_1f1b' runs in the pipeline API but not yet in the "
-                              "trainer (its two virtual stages per rank need checkpoint support); use '1f1b' or 'gpipe'")
         module = pipeline.stage_modules[0]
 
     stage_modules = pipeline.stage_modules if pipeline is not None else [model]
@@ -103,5 +101,10 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
 
     if pipeline is not None:
         pipeline.make_schedule()
+        if len(pipeline.stage_modules) > 1:
+            # interleaved 1F1B: two virtual stages; one view of both under the original names
+            from .pipeline import StageUnion
+
+            module = StageUnion(pipeline.stage_modules)
     return ParallelModel(module=module, spec=spec, dims=dims, blocks=blocks, pipeline=pipeline,
                          loss_parallel=loss_parallel, fsdp=fsdp)

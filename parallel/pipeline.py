@@ -113,6 +113,49 @@ class StageModule(nn.Module):
         return stage_forward.head(self, self.spec, h) if self.is_last else h
 
 
+class StageUnion(nn.Module):
+    """Several stage modules of one rank (interleaved 1F1B's virtual stages) seen as ONE module with the
+    original parameter names: the optimizer, grad sync, clipping, checkpoints (DCP, FQN keys) and the memory
+    report use it. It shares the stages' submodules (so FSDP2's per-module state-dict hooks still fire) and
+    has no forward: the pipeline schedule runs the stage modules themselves."""
+
+    def __init__(self, stages: list[nn.Module]):
+        super().__init__()
+        merged = _merge_modules(stages, "")
+        for name, child in merged.named_children():
+            self.add_module(name, child)
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("StageUnion is a parameter view; the pipeline schedule runs the stage modules")
+
+
+def _has_state(m: nn.Module, recurse: bool) -> bool:
+    if any(True for _ in m.parameters(recurse=recurse)):
+        return True
+    return any(n not in m._non_persistent_buffers_set for n, _ in m.named_buffers(recurse=False))
+
+
+def _merge_modules(mods: list[nn.Module], path: str) -> nn.Module:
+    """One module tree holding every stage's state under the names it has in the full model. A path present
+    in several stages must be a stateless module (rotary tables, dropout) or a container (the decoder
+    block ModuleDict, the backbone) whose children are merged; parameters of one name on two stages would
+    make the names ambiguous and are refused."""
+    if len(mods) == 1:
+        return mods[0]
+    if not any(_has_state(m, recurse=True) for m in mods):
+        return mods[0]
+    if any(_has_state(m, recurse=False) for m in mods):
+        raise RuntimeError(f"{path or 'the stage root'} holds parameters on more than one virtual stage")
+    shell = nn.ModuleDict() if all(isinstance(m, nn.ModuleDict) for m in mods) else nn.Module()
+    names: list[str] = []
+    for m in mods:
+        names += [n for n, c in m._modules.items() if c is not None and n not in names]
+    for name in names:
+        subs = [m._modules[name] for m in mods if m._modules.get(name) is not None]
+        shell.add_module(name, _merge_modules(subs, f"{path}.{name}" if path else name))
+    return shell
+
+
 class Pipeline:
     """This rank's stages: one, or two virtual stages (rank and rank + pp) for interleaved 1F1B."""
 

@@ -24,10 +24,11 @@ EXACT = {"train.eps": 1e-6, "train.steps": 3, "train.micro_batch_size": 1, "trai
 MT = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-opt": "opt", "tiny-bloom": "bloom", "tiny-neox": "gpt_neox"}
 
 
-def _assert_matches_reference(world, cases, tmp_path, timeout=600):
+def _assert_matches_reference(world, cases, tmp_path, timeout=600, extra_scenarios=()):
+    """`extra_scenarios` run in the same process group after the reference cases (not compared here)."""
     scenarios = [{"overrides": {**EXACT, **ov, "logging.metrics_file": str(tmp_path / f"{i}.jsonl")}}
                  for i, ov in enumerate(cases.values())]
-    ranks = run_ranks(world, train_scenarios, scenarios, timeout=timeout)
+    ranks = run_ranks(world, train_scenarios, [*scenarios, *extra_scenarios], timeout=timeout)
     for i, label in enumerate(cases):
         ov = scenarios[i]["overrides"]
         out = ranks[0][i]
@@ -81,6 +82,57 @@ def test_3d_dp2_pp2_tp2_on_8_ranks(tmp_path):
                                                    "activation_checkpointing.mode": "selective"},
     }
     _assert_matches_reference(8, cases, tmp_path, timeout=900)
+
+
+INTERLEAVED = {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"}  # 4 layers -> 4 stages, 2 per rank
+
+
+def test_pp2_interleaved_1f1b_trainer_and_same_layout_resume(tmp_path):
+    """Interleaved 1F1B through the trainer: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3 (one layer
+    each); optimizer, clipping and checkpoints see both through one module with the original names. Then
+    4 steps saving at step 2 vs a resume from that step-2 checkpoint: steps 3-4 and the weights bit-identical."""
+    cases = {
+        "pp2 interleaved llama": {"parallel.dp": 1, **INTERLEAVED},
+        "pp2 interleaved llama +full ckpt": {"parallel.dp": 1, **INTERLEAVED, "activation_checkpointing.mode": "full"},
+        "pp2 interleaved gpt2 (tied)": {"parallel.dp": 1, **INTERLEAVED, "model.path": "tiny-gpt2"},
+    }
+    a, b = tmp_path / "ck_straight", tmp_path / "ck_resumed"
+    common = {**EXACT, "parallel.dp": 1, **INTERLEAVED, "train.steps": 4, "checkpoint.keep_last_k": 5}
+    resume = [
+        {"overrides": {**common, "checkpoint.dir": str(a), "checkpoint.interval": 2,
+                       "logging.metrics_file": str(tmp_path / "straight.jsonl")}},
+        {"overrides": {**common, "checkpoint.dir": str(b), "checkpoint.resume": str(a / "step-2"),
+                       "logging.metrics_file": str(tmp_path / "resumed.jsonl")}},
+    ]
+    ranks = _assert_matches_reference(2, cases, tmp_path, extra_scenarios=resume)
+    i = list(cases).index("pp2 interleaved gpt2 (tied)")
+    st = ranks[0][i]["state"]
+    assert (st["transformer.wte.weight"] - st["lm_head.weight"]).abs().max() == 0
+    # both virtual stages' parameters are in this rank's module (and its memory report)
+    for r in (0, 1):
+        names = set(ranks[r][0]["param_dtypes"])
+        layers = sorted({n.split(".")[2] for n in names if n.startswith("model.layers.")})
+        assert layers == (["0", "2"] if r == 0 else ["1", "3"]), (r, layers)
+        print(f"rank {r}: layers {layers}, params {ranks[r][0]['memory']['params']} B, "
+              f"optimizer {ranks[r][0]['memory']['optimizer_states']} B")
+    straight, resumed = ranks[0][len(cases)], ranks[0][len(cases) + 1]
+    s_loss = {r["step"]: r["loss"] for r in straight["records"]}
+    r_loss = {r["step"]: r["loss"] for r in resumed["records"]}
+    assert sorted(s_loss) == [1, 2, 3, 4] and sorted(r_loss) == [3, 4], r_loss
+    assert resumed["summary"]["resumed_from"] == str(a / "step-2")
+    dl = max(abs(r_loss[k] - s_loss[k]) for k in (3, 4))
+    dw = max((straight["state"][k] - v).abs().max().item() for k, v in resumed["state"].items())
+    print(f"pp2 interleaved resume at step 2: steps 3-4 max |Δloss| {dl:.2e}, final max |Δw| {dw:.2e}")
+    assert set(straight["state"]) == set(resumed["state"])
+    assert dl == 0.0 and dw == 0.0  # bit-identical fp32
+
+
+def test_dp2_pp2_interleaved_1f1b_zero1_zero3(tmp_path):
+    cases = {
+        "dp2·pp2 interleaved llama zero1": {"parallel.dp": 2, **INTERLEAVED, "zero.stage": 1, "train.grad_accum": 2},
+        "dp2·pp2 interleaved llama zero3": {"parallel.dp": 2, **INTERLEAVED, "zero.stage": 3, "train.grad_accum": 2},
+    }
+    _assert_matches_reference(4, cases, tmp_path)
 
 
 def test_split_layers_modes():
