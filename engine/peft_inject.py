@@ -81,10 +81,6 @@ def make_injector(cfg):
         pc = build_peft_config(cfg, spec, cfg.train.steps)
         q = quant_spec(cfg)
         if q is not None:
-            if cfg.zero.stage >= 2 and cfg.zero.backend == "native":
-                raise ConfigError(f"peft.quantize_base={q.quant_type!r} with zero.stage={cfg.zero.stage}: FSDP2 "
-                                  "cannot shard packed 4-bit weights yet; use zero.stage=0 or 1 (adapters are "
-                                  "tiny: ZeRO-1 already shards their optimizer state)")
             if cfg.parallel.tp > 1:
                 mark_for_tp_quantization(model, spec, q)
             else:

@@ -113,9 +113,15 @@ def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], dp_mesh, *
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=False) if cpu_offload else OffloadPolicy()
     reshard = stage == 3
+    # A QLoRA base's packed 4-bit weights (bitsandbytes Params4bit: uint8 data + quant_state) cannot be
+    # split row-wise by FSDP2, are frozen and are already 1/8 of fp32: they stay whole on every dp rank;
+    # the adapters (and the rest of the model) are sharded as usual.
+    packed = {p for p in model.parameters() if getattr(p, "quant_state", None) is not None} or None
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload,
+                    ignored_params=packed)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload,
+                ignored_params=packed)
     for m in [*blocks, model]:
         m.set_gradient_divide_factor(1.0)  # sum: the loss is normalised by the global token count
         m.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no PREMUL_SUM)

@@ -35,6 +35,8 @@ TWO = {
     **{f"dp2-lora-z{z}": {"parallel.dp": 2, "zero.stage": z} for z in range(4)},
     # QLoRA runs longer with a larger LR so that "trains" is visible as a falling loss on fresh batches.
     "dp2-qlora-z1": {"parallel.dp": 2, "zero.stage": 1, "peft.method": "qlora", **QLORA_TRAIN},
+    # ZeRO-3 on the adapters; the packed 4-bit base stays whole on each dp rank (FSDP2 ignored_params)
+    "dp2-qlora-z3": {"parallel.dp": 2, "zero.stage": 3, "peft.method": "qlora", **QLORA_TRAIN},
     "tp2-qlora": {"parallel.tp": 2, "peft.method": "qlora", **QLORA_TRAIN},
     "tp2-prompt": {"parallel.tp": 2, "peft.method": "prompt", "train.lr": 5e-2},
     "dp2-ptuning-z3": {"parallel.dp": 2, "zero.stage": 3, "peft.method": "ptuning"},
@@ -45,7 +47,8 @@ EIGHT = {f"dp2pp2tp2-lora-z{z}": {"parallel.dp": 2, "parallel.pp": 2, "parallel.
 REVERSED = "tp2-lora-injected-after-tp"
 FP32_TWIN = "lora-with-qlora-schedule"  # reference only: the QLoRA runs' settings on the fp32 base
 HF_QLORA_TP1 = "hf-qlora-1-process"  # reference only: HF's whole-weight 4-bit load
-WITH_CHECKPOINT = ("tp2-prompt", "dp2-ptuning-z3", "tp2-lora", "pp2-lora", "dp2-lora-z3", "dp2-qlora-z1", "tp2-qlora", "dp2tp2-lora-z3",
+WITH_CHECKPOINT = ("tp2-prompt", "dp2-ptuning-z3", "tp2-lora", "pp2-lora", "dp2-lora-z3", "dp2-qlora-z1", "dp2-qlora-z3",
+                   "tp2-qlora", "dp2tp2-lora-z3",
                    "dp2pp2tp2-lora-z3")
 
 
@@ -144,7 +147,7 @@ def test_injecting_after_tp_is_caught(runs):
 # reference is the 1-process run on exactly that base (each shard NF4-quantized by bitsandbytes in the
 # test), again 1e-5. Against HF's whole-weight QLoRA the tp2 run only has to stay as close as the fp32
 # LoRA run is (the size of quantization itself); measured and printed.
-@pytest.mark.parametrize("name", ["dp2-qlora-z1", "tp2-qlora"])
+@pytest.mark.parametrize("name", ["dp2-qlora-z1", "dp2-qlora-z3", "tp2-qlora"])
 def test_qlora_trains_and_matches_reference(runs, name):
     ref_losses = reference(runs, name)[1]
     r0 = runs["out"][name][0]
@@ -232,7 +235,7 @@ def test_export_adapter_round_trip(runs, name, tmp_path):
     assert d <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["tp2-lora", "dp2-lora-z3", "dp2-qlora-z1", "tp2-qlora"])
+@pytest.mark.parametrize("name", ["tp2-lora", "dp2-lora-z3", "dp2-qlora-z1", "dp2-qlora-z3", "tp2-qlora"])
 def test_export_merged_round_trip(runs, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
