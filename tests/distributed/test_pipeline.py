@@ -108,13 +108,20 @@ def test_pp2_interleaved_1f1b_trainer_and_same_layout_resume(tmp_path):
     i = list(cases).index("pp2 interleaved gpt2 (tied)")
     st = ranks[0][i]["state"]
     assert (st["transformer.wte.weight"] - st["lm_head.weight"]).abs().max() == 0
-    # both virtual stages' parameters are in this rank's module (and its memory report)
+    # both virtual stages' parameters are in this rank's module and its memory report: the two ranks'
+    # fp32 bytes add up to the HF model's, Adam state to twice that
+    from trellis.engine.model import build_model
+
+    hf, _ = build_model(configs.load("tiny-llama", {}).model, seed=0)
+    model_bytes = 4 * sum(p.numel() for p in hf.parameters())
     for r in (0, 1):
         names = set(ranks[r][0]["param_dtypes"])
         layers = sorted({n.split(".")[2] for n in names if n.startswith("model.layers.")})
         assert layers == (["0", "2"] if r == 0 else ["1", "3"]), (r, layers)
         print(f"rank {r}: layers {layers}, params {ranks[r][0]['memory']['params']} B, "
-              f"optimizer {ranks[r][0]['memory']['optimizer_states']} B")
+              f"optimizer {ranks[r][0]['memory']['optimizer_states']} B (model {model_bytes} B)")
+    assert sum(ranks[r][0]["memory"]["params"] for r in (0, 1)) == model_bytes
+    assert sum(ranks[r][0]["memory"]["optimizer_states"] for r in (0, 1)) == 2 * model_bytes
     straight, resumed = ranks[0][len(cases)], ranks[0][len(cases) + 1]
     s_loss = {r["step"]: r["loss"] for r in straight["records"]}
     r_loss = {r["step"]: r["loss"] for r in resumed["records"]}
@@ -127,8 +134,9 @@ def test_pp2_interleaved_1f1b_trainer_and_same_layout_resume(tmp_path):
     assert dl == 0.0 and dw == 0.0  # bit-identical fp32
 
 
-def test_dp2_pp2_interleaved_1f1b_zero1_zero3(tmp_path):
+def test_interleaved_1f1b_dp2_pp2_zero1_zero3_and_pp2_tp2(tmp_path):
     cases = {
+        "pp2·tp2 interleaved llama": {"parallel.dp": 1, **INTERLEAVED, "parallel.tp": 2},
         "dp2·pp2 interleaved llama zero1": {"parallel.dp": 2, **INTERLEAVED, "zero.stage": 1, "train.grad_accum": 2},
         "dp2·pp2 interleaved llama zero3": {"parallel.dp": 2, **INTERLEAVED, "zero.stage": 3, "train.grad_accum": 2},
     }
