@@ -115,6 +115,16 @@ class PeftConfig:
     quantize_base: Literal["auto", "none", "nf4", "fp4"] = "auto"
     double_quant: bool = True
     compute_dtype: Literal["fp32", "bf16"] = "fp32"
+    # AdaLoRA (peft.method = "adalora"; peft.r is init_r, total_step = train.steps), peft's defaults:
+    # the rank budget falls from r to adalora_target_r per module (0 = r // 2) between step adalora_tinit
+    # and train.steps - adalora_tfinal, re-allocated every adalora_delta_t steps by importance EMAs.
+    adalora_target_r: int = 0
+    adalora_tinit: int = 0
+    adalora_tfinal: int = 0
+    adalora_delta_t: int = 1
+    adalora_beta1: float = 0.85
+    adalora_beta2: float = 0.85
+    adalora_orth_reg_weight: float = 0.5
 
 
 @dataclass(kw_only=True)

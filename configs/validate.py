@@ -134,6 +134,8 @@ def validate(cfg: TrainConfig) -> None:
             e.append(f"peft.r={cfg.peft.r}: must be >= 1")
         if cfg.peft.method in _PROMPT_METHODS and cfg.peft.num_virtual_tokens < 1:
             e.append(f"peft.num_virtual_tokens={cfg.peft.num_virtual_tokens}: must be >= 1")
+        if cfg.peft.method == "adalora":
+            e.extend(_adalora_errors(cfg))
 
     c = cfg.checkpoint
     if (c.interval or c.interval_seconds) and not c.dir:
@@ -158,3 +160,50 @@ def validate(cfg: TrainConfig) -> None:
 
     if e:
         raise ConfigError(e)
+
+
+def _adalora_errors(cfg: TrainConfig) -> list[str]:
+    """AdaLoRA's schedule (peft's own rules, worded with trellis's field names) and the layouts where its
+    rank allocation is correct (explicit tp/pp here; -1 axes are checked once resolved, at start-up)."""
+    p, steps, e = cfg.peft, cfg.train.steps, []
+    if p.adalora_target_r < 0 or p.adalora_target_r > p.r:
+        e.append(f"peft.adalora_target_r={p.adalora_target_r}: must be between 1 and peft.r={p.r} "
+                 "(0 = peft.r // 2)")
+    for name in ("adalora_tinit", "adalora_tfinal"):
+        if getattr(p, name) < 0:
+            e.append(f"peft.{name}={getattr(p, name)}: must be >= 0")
+    if p.adalora_delta_t < 1:
+        e.append(f"peft.adalora_delta_t={p.adalora_delta_t}: must be >= 1 (steps between rank allocations)")
+    for name in ("adalora_beta1", "adalora_beta2"):
+        if not 0 < getattr(p, name) < 1:
+            e.append(f"peft.{name}={getattr(p, name)}: must be in (0, 1)")
+    if p.adalora_orth_reg_weight < 0:
+        e.append(f"peft.adalora_orth_reg_weight={p.adalora_orth_reg_weight}: must be >= 0")
+    if p.adalora_tinit >= 0 and p.adalora_tfinal >= 0 and p.adalora_tinit >= steps - p.adalora_tfinal:
+        e.append(f"peft.adalora_tinit={p.adalora_tinit}, peft.adalora_tfinal={p.adalora_tfinal} with train.steps="
+                 f"{steps} leave no budgeting phase (AdaLoRA needs tinit < train.steps - tfinal); lower them or "
+                 "raise train.steps")
+    e.extend(adalora_layout_errors(cfg, max(cfg.parallel.tp, 1), max(cfg.parallel.pp, 1)))
+    return e
+
+
+ADALORA_LAYOUTS = "parallel.tp=1, parallel.pp=1, zero.backend='native' with zero.stage 0 or 1 (any parallel.dp)"
+
+
+def adalora_layout_errors(cfg: TrainConfig, tp: int, pp: int) -> list[str]:
+    """AdaLoRA's rank allocator needs whole adapter tensors and whole dp-summed grads on every rank."""
+    if cfg.peft.method != "adalora":
+        return []
+    bad = []
+    if tp != 1:
+        bad.append(f"parallel.tp={tp} (adapters sharded over tp)")
+    if pp != 1:
+        bad.append(f"parallel.pp={pp} (each stage would budget only its own layers)")
+    if cfg.zero.backend != "native":
+        bad.append(f"zero.backend={cfg.zero.backend!r}")
+    elif cfg.zero.stage >= 2:
+        bad.append(f"zero.stage={cfg.zero.stage} (grads and params sharded over dp)")
+    if not bad:
+        return []
+    return [f"peft.method='adalora' with {', '.join(bad)}: AdaLoRA's rank allocation needs whole adapter "
+            f"tensors and grads on every rank; it works with {ADALORA_LAYOUTS}"]

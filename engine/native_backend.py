@@ -49,6 +49,9 @@ class NativeBackend(TrainingBackend):
             self.optimizer = build_optimizer(self.named_trainable, cfg.train, allow_empty=allow_empty)
         self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.dp_group, dims.dp)
         self.scaler = DynamicLossScaler.from_config(cfg.precision)
+        from .peft_adalora import build as build_adalora
+
+        self.adalora = build_adalora(cfg, self.pm.spec, self.module, dims.tp, dims.pp)  # None unless adalora
         coord = dims.coordinate()
         self._counts_loss = coord["tp"] == 0 and (self.pm.pipeline is None or self.pm.pipeline.is_last)
 
@@ -106,6 +109,8 @@ class NativeBackend(TrainingBackend):
         self._norm = float(self._global_tokens(micro_batches))
         self._scale = self.scaler.scale if self.scaler is not None else 1.0
         local_loss = self._forward_backward(micro_batches)
+        if self.adalora is not None:  # peft's orthogonal regulariser, once per step
+            local_loss += self.adalora.backward_orth_reg(self._scale, self.dims.dp)
         if self.grad_sync is not None:
             self.grad_sync.sync()
         if self.pm.pipeline is not None and hasattr(self.pm.pipeline, "sync_tied_grads"):
@@ -119,6 +124,8 @@ class NativeBackend(TrainingBackend):
             self.scaler.update(found_inf)  # raises LossScaleUnderflow at the minimum scale
             if found_inf:
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.adalora is not None:
+                    self.adalora.step += 1  # the schedule follows the trainer's step count
                 return StepResult(loss=loss, grad_norm=math.nan, skipped=True, loss_scale=self.scaler.scale,
                                   tokens=int(self._norm))
             inv = 1.0 / self._scale
@@ -130,6 +137,8 @@ class NativeBackend(TrainingBackend):
         clip_grads_(self.params, self.cfg.train.grad_clip, norm)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
+        if self.adalora is not None:  # after the step, grads still present (peft's documented order)
+            self.adalora.update_and_allocate()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=float(norm), skipped=skipped,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
@@ -225,7 +234,10 @@ class NativeBackend(TrainingBackend):
             if missing:
                 raise RuntimeError(f"trainable parameters missing from the state dict: {sorted(missing)[:3]}")
             model_sd = {k: v for k, v in model_sd.items() if k in keep}
-        return {"model": model_sd, "optim": optim_sd if opts else {}}
+        state = {"model": model_sd, "optim": optim_sd if opts else {}}
+        if self.adalora is not None:
+            state["adalora"] = self.adalora.state()
+        return state
 
     def save_state(self, path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -240,3 +252,5 @@ class NativeBackend(TrainingBackend):
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.module, self._optimizers(), model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._state_options())
+        if self.adalora is not None:
+            self.adalora.load(state["adalora"])

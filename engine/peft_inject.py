@@ -44,8 +44,11 @@ def build_peft_config(cfg, spec, total_steps: int):
         mlp_in = [t for t in targets if any(k in t for k in ("up_proj", "gate_proj", "down_proj", "fc", "mlp", "4h"))]
         return peft.IA3Config(target_modules=targets, feedforward_modules=mlp_in, task_type="CAUSAL_LM")
     if m == "adalora":
-        return peft.AdaLoraConfig(init_r=p.r, target_r=max(p.r // 2, 1), lora_alpha=p.alpha, target_modules=targets,
-                                  total_step=total_steps, task_type="CAUSAL_LM")
+        return peft.AdaLoraConfig(init_r=p.r, target_r=adalora_target_r(cfg), lora_alpha=p.alpha,
+                                  target_modules=targets, total_step=total_steps, tinit=p.adalora_tinit,
+                                  tfinal=p.adalora_tfinal, deltaT=p.adalora_delta_t, beta1=p.adalora_beta1,
+                                  beta2=p.adalora_beta2, orth_reg_weight=p.adalora_orth_reg_weight,
+                                  task_type="CAUSAL_LM")
     if m == "lokr":
         return peft.LoKrConfig(r=p.r, alpha=p.alpha, target_modules=targets, task_type="CAUSAL_LM")
     if m == "loha":
@@ -54,6 +57,11 @@ def build_peft_config(cfg, spec, total_steps: int):
         return peft.HRAConfig(r=p.r, target_modules=targets, task_type="CAUSAL_LM")
     raise ConfigError(f"peft.method={m!r} (prompt learning) has no peft adapter config here; "
                       f"use one of {', '.join(INJECTABLE)}")
+
+
+def adalora_target_r(cfg) -> int:
+    """AdaLoRA's final average rank per module: peft.adalora_target_r, or r // 2 when 0."""
+    return cfg.peft.adalora_target_r or max(cfg.peft.r // 2, 1)
 
 
 def adapter_seed(cfg) -> int:
