@@ -155,10 +155,19 @@ class NativeBackend(TrainingBackend):
         self._scale = 1.0
         dev = self.ctx.device
         if self.pm.pipeline is not None:
-            ids = torch.cat([b.input_ids for b in micro_batches]).to(dev)
-            labels = torch.cat([b.labels for b in micro_batches]).to(dev)
-            out = self.pm.pipeline.eval_step(ids, labels)
-            return self._world_loss(float(out) if out is not None else 0.0)
+            # The schedule runs a fixed number of micro-batches (train.grad_accum): evaluate in rounds of that
+            # size; the last round is filled with label-less micro-batches (ignored by the loss sum).
+            n = self.pm.pipeline.n_microbatches
+            mbs = list(micro_batches)
+            filler = Batch(input_ids=torch.zeros_like(mbs[0].input_ids), labels=torch.full_like(mbs[0].labels, -100))
+            mbs += [filler] * (-len(mbs) % n)
+            total = 0.0
+            for i in range(0, len(mbs), n):
+                ids = torch.cat([b.input_ids for b in mbs[i:i + n]]).to(dev)
+                labels = torch.cat([b.labels for b in mbs[i:i + n]]).to(dev)
+                out = self.pm.pipeline.eval_step(ids, labels)
+                total += float(out) if out is not None else 0.0
+            return self._world_loss(total)
         total = 0.0
         for b in micro_batches:
             with loss_parallel_context(self.pm.loss_parallel), \

@@ -173,3 +173,19 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
         assert last["eval_delta"] <= 1e-5, label
         if "tied_copy" in first:
             assert torch.equal(first["tied_copy"], last["tied_copy"]), label
+
+
+def test_pipeline_eval_with_eval_batches_not_equal_to_grad_accum(tmp_path):
+    """train.eval_batches=3 with grad_accum=4: the pipeline evaluates in rounds of 4 micro-batches (the last
+    one filled with label-less micro-batches) and reports the same held-out loss as tp2 (no pipeline) on the
+    same trained model (both layouts equal the 1-process reference in the tests above)."""
+    base = {**EXACT, "train.eval_batches": 3, "parallel.dp": 1}
+    cases = {"tp2": {"parallel.tp": 2}, "pp2 1f1b": {"parallel.pp": 2},
+             "pp2 interleaved": {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"}}
+    scenarios = [{"overrides": {**base, **ov, "logging.metrics_file": str(tmp_path / f"{i}.jsonl")}}
+                 for i, ov in enumerate(cases.values())]
+    r0 = run_ranks(2, train_scenarios, scenarios, timeout=600)[0]
+    evals = {name: out["summary"]["eval_loss"] for name, out in zip(cases, r0)}
+    print("held-out loss:", evals)
+    assert all(v > 0 for v in evals.values())
+    assert abs(evals["pp2 1f1b"] - evals["tp2"]) <= 1e-5 and abs(evals["pp2 interleaved"] - evals["tp2"]) <= 1e-5
