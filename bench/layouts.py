@@ -36,6 +36,7 @@ def _count_worker(rank: int, world: int, layout: dict, steps: int) -> dict:
     from trellis import configs
     from trellis.engine.distributed import init_distributed
     from trellis.engine.trainer import Trainer
+    from trellis.parallel.models import family_for
 
     ctx = init_distributed(300.0)
     accum = GLOBAL_BATCH // (MICRO * layout["dp"])
@@ -51,9 +52,9 @@ def _count_worker(rank: int, world: int, layout: dict, steps: int) -> dict:
     active = {"on": False}
 
     def axis_for(group) -> str:
-        if group is None or group == dist.group.WORLD:
-            return "world"
-        return axis_of.get(tuple(dist.get_process_group_ranks(group)), "other")
+        # by ranks: a mesh axis spanning the whole world may be the default group itself
+        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+        return axis_of.get(ranks, "world")
 
     def wrap(name):
         fn = getattr(dist, name)
@@ -75,12 +76,17 @@ def _count_worker(rank: int, world: int, layout: dict, steps: int) -> dict:
     class FunctionalCollectives(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if active["on"] and func.namespace == "_c10d_functional" and args and torch.is_tensor(args[0]):
+            collective = any(k in func.__name__ for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
+                                                            "broadcast"))  # not wait_tensor / autograd wrappers
+            if active["on"] and func.namespace == "_c10d_functional" and collective and args \
+                    and torch.is_tensor(args[0]):
+                from torch.distributed.distributed_c10d import _resolve_process_group
+
                 group_name = args[-1] if isinstance(args[-1], str) else kwargs.get("group_name")
-                axis = "other"
-                for ax in ("pp", "dp", "tp"):
-                    if mesh[ax].get_group().group_name == group_name:
-                        axis = ax
+                # by ranks, like the c10d path: DTensor may hold its own group object for a mesh axis
+                axis = f"other:{func.__name__}"
+                if isinstance(group_name, str):
+                    axis = axis_of.get(tuple(dist.get_process_group_ranks(_resolve_process_group(group_name))), axis)
                 counts[axis] += args[0].numel() * args[0].element_size()
             return func(*args, **kwargs)
 
@@ -111,15 +117,19 @@ def _count_worker(rank: int, world: int, layout: dict, steps: int) -> dict:
     params_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.backend.params)
     return {"rank": rank, "step_s": dt, "bytes": {k: v // steps for k, v in counts.items()},
             "params_local": params_local, "hidden": trainer.hf_config.hidden_size,
-            "layers": trainer.hf_config.num_hidden_layers, "vocab": trainer.hf_config.vocab_size}
+            "layers": trainer.hf_config.num_hidden_layers, "vocab": trainer.hf_config.vocab_size,
+            "tp_plan": dict(family_for(trainer.hf_config.model_type).tp_plan)}
 
 
 def theory(layout: dict, r: dict) -> dict[str, int]:
     """Payload bytes per step for one rank (fp32), hand-derived:
     dp: one all-reduce of this rank's gradients (+ 3 tiny scalars: tokens, loss, stop flag).
-    tp: per decoder layer and micro-batch, 2 activation all-reduces forward (attention out, MLP out) and 2
-        backward (their input grads) of b*s*h floats; plus the embedding's forward all-reduce and its backward,
-        and the loss-parallel reductions (small).
+    tp: per decoder layer and micro-batch, 2 activation all-reduces forward (attention out, MLP out) of
+        b*s*h floats, and in backward one all-reduce of the input gradient per column-parallel linear: DTensor
+        reduces each Partial input gradient on its own (Llama: q, k, v, gate, up = 5), where Megatron sums them
+        first and reduces twice (attention input, MLP input); on the first stage the vocab-parallel embedding's
+        forward all-reduce (its backward reduces nothing: token ids have no gradient), on the last stage the
+        column-parallel head's input gradient. The Megatron figure is printed next to it.
     pp: per micro-batch one activation send forward and one gradient send backward of b*s*h floats per
         stage boundary, counted on both sides (send + recv)."""
     dp, pp, tp = layout["dp"], layout["pp"], layout["tp"]
@@ -130,7 +140,10 @@ def theory(layout: dict, r: dict) -> dict[str, int]:
         out["dp"] = r["params_local"] * 4
     if tp > 1:
         layers_here = r["layers"] // pp
-        out["tp"] = accum * (4 * layers_here * act + 2 * act)
+        col = sum(style.startswith("colwise") for style in r["tp_plan"].values())
+        ends = act + (act if pp == 1 else 0)  # rank 0: the embedding's forward all-reduce (+ the head's input grad)
+        out["tp"] = accum * ((2 + col) * layers_here * act + ends)
+        out["tp_megatron"] = accum * (4 * layers_here * act + ends)
     if pp > 1:
         out["pp"] = accum * 2 * act
     return out
@@ -159,6 +172,8 @@ def main() -> None:
     print(f"{'layout':<11}{'ranks':>6}{'tokens/s':>10}{'vs 1 proc':>10}   payload bytes/step on rank 0: counted (theory)")
     for name, world, tok_s, rel, counted, th in rows:
         parts = [f"{ax}={counted.get(ax, 0):,} ({th.get(ax, 0):,})" for ax in ("dp", "tp", "pp") if ax in th or counted.get(ax)]
+        if "tp_megatron" in th:
+            parts.append(f"[tp Megatron-style {th['tp_megatron']:,}]")
         extra = {k: v for k, v in counted.items() if k not in ("dp", "tp", "pp")}
         parts += [f"{k}={v:,}" for k, v in extra.items()]
         print(f"{name:<11}{world:>6}{tok_s:>10.0f}{rel:>10.2f}   " + "  ".join(parts))
