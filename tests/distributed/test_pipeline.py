@@ -70,6 +70,9 @@ def test_pp2_tp2_and_dp2_pp2(tmp_path):
                                                 "model.path": "tiny-gpt2"},
         "dp2·pp2 llama zero1": {"parallel.dp": 2, "parallel.pp": 2, "zero.stage": 1, "train.grad_accum": 2},
         "dp2·pp2 llama zero3": {"parallel.dp": 2, "parallel.pp": 2, "zero.stage": 3, "train.grad_accum": 2},
+        "dp2·pp2 llama zero0": {"parallel.dp": 2, "parallel.pp": 2, "zero.stage": 0, "train.grad_accum": 2},
+        "dp2·pp2 bloom zero2 +full ckpt": {"parallel.dp": 2, "parallel.pp": 2, "zero.stage": 2, "train.grad_accum": 2,
+                                           "model.path": "tiny-bloom", "activation_checkpointing.mode": "full"},
     }
     _assert_matches_reference(4, cases, tmp_path)
 
@@ -80,6 +83,10 @@ def test_3d_dp2_pp2_tp2_on_8_ranks(tmp_path):
         "dp2·pp2·tp2 llama zero2 +selective ckpt": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2,
                                                    "train.grad_accum": 2, "zero.stage": 2,
                                                    "activation_checkpointing.mode": "selective"},
+        "dp2·pp2·tp2 llama zero1": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "train.grad_accum": 2,
+                                    "zero.stage": 1},
+        "dp2·pp2·tp2 bloom zero3": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "train.grad_accum": 2,
+                                    "zero.stage": 3, "model.path": "tiny-bloom"},
     }
     _assert_matches_reference(8, cases, tmp_path, timeout=900)
 
