@@ -86,13 +86,13 @@ def _per_shard_4bit(model, tp: int) -> None:
                 lin.weight.copy_(torch.cat(parts, dim=dim))
 
 
-def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
-    """(losses, peft model after `steps` steps, probe logits, probe logits with the adapters disabled)."""
+def reference_loop(cfg, model, model_dir):
+    """(global-batch sampler, trainable params, AdamW) of a 1-process reference loop: the same data, global
+    batch (grad_accum x dp micro-batches per step) and optimizer settings as the engine's run of `cfg`."""
     from trellis.engine.data import GlobalBatchSampler, build_dataset
     from trellis.engine.tokenizer import find_tokenizer, load_tokenizer
 
     t = cfg.train
-    model, model_dir = reference_model(cfg, targets, tmp)
     tok = load_tokenizer(find_tokenizer(model_dir, cfg.model.tokenizer))
     data, _ = build_dataset(cfg.data, tok, t.seed)
     dp = max(cfg.parallel.dp, 1)
@@ -100,6 +100,14 @@ def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
                                  dp_rank=0, dp_size=1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0, foreach=False)
+    return sampler, params, opt
+
+
+def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
+    """(losses, peft model after `steps` steps, probe logits, probe logits with the adapters disabled)."""
+    t = cfg.train
+    model, model_dir = reference_model(cfg, targets, tmp)
+    sampler, params, opt = reference_loop(cfg, model, model_dir)
     losses = []
     n_virtual = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prompt", "ptuning") else 0
     for _ in range(steps):

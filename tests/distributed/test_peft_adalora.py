@@ -21,7 +21,7 @@ from trellis.errors import ConfigError
 from trellis.parallel.models import family_for
 
 from .harness import run_ranks
-from .peft_support import BASE
+from .peft_support import BASE, reference_loop
 
 pytestmark = pytest.mark.distributed
 SPEC = family_for("llama")
@@ -77,10 +77,8 @@ def reference(cfg) -> dict:
     import peft
     import torch.nn.functional as F
 
-    from trellis.engine.data import GlobalBatchSampler, build_dataset
     from trellis.engine.model import build_model
     from trellis.engine.peft_inject import adapter_seed
-    from trellis.engine.tokenizer import find_tokenizer, load_tokenizer
 
     t = cfg.train
     model, model_dir = build_model(cfg.model, seed=t.seed)
@@ -88,13 +86,7 @@ def reference(cfg) -> dict:
                             total_step=STEPS, tinit=TINIT, tfinal=TFINAL, deltaT=DELTA_T, task_type="CAUSAL_LM")
     torch.manual_seed(adapter_seed(cfg))
     model = peft.get_peft_model(model, pc)
-    tok = load_tokenizer(find_tokenizer(model_dir, cfg.model.tokenizer))
-    data, _ = build_dataset(cfg.data, tok, t.seed)
-    dp = max(cfg.parallel.dp, 1)
-    sampler = GlobalBatchSampler(data, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum * dp,
-                                 dp_rank=0, dp_size=1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0, foreach=False)
+    sampler, params, opt = reference_loop(cfg, model, model_dir)
     losses, regs, ranks_per_step = [], [], []
     for i in range(STEPS):
         batches = sampler.next()  # the global batch, one forward: peft adds the regulariser once per step
