@@ -65,6 +65,11 @@ class TrainingSetup:
     host_mem: float = 0.0  # host RAM per node in bytes (for CPU offload); 0 = no verdict
 
     @property
+    def effective_quant(self) -> str:
+        """The base's quantization: --quant, else NF4 for QLoRA."""
+        return self.quant if self.quant != "none" else ("nf4" if self.peft == "qlora" else "none")
+
+    @property
     def world(self) -> int:
         return self.dp * self.tp * self.pp
 
@@ -79,6 +84,7 @@ class RankMemory:
     optimizer_states: float = 0.0
     master_weights: float = 0.0
     activations: float = 0.0
+    activations_recompute: float = 0.0  # of `activations`: the checkpointed block recomputed in backward
     logits: float = 0.0
     buffers: float = 0.0
     comm_buffers: float = 0.0  # gradient all-reduce / reduce-scatter buffers
@@ -97,7 +103,7 @@ class RankMemory:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["total"] = self.total
-        for k in KEYS:
+        for k in (*KEYS, "activations_recompute"):
             d[k] = int(round(d[k]))
         return d
 
@@ -284,7 +290,7 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
     native = s.backend == "native"
     store = 4 if native else c  # bytes per stored (non-quantized) param
     opt_b = OPTIMIZER_BYTES[s.optimizer]
-    quant = s.quant if s.quant != "none" else ("nf4" if s.peft == "qlora" else "none")
+    quant = s.effective_quant
     peft = s.peft != "none"
     dp, z = s.dp, s.zero
     notes: list[str] = []
@@ -421,10 +427,11 @@ def _activations(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int, c: i
     mode = regime(s.precision, s.backend, s.zero)
     lb = per_layer_bytes(d, tokens=tokens, seq=s.seq_len, tp=s.tp, sp=s.sequence_parallel, act_bytes=c,
                          ckpt=s.activation_checkpointing, frozen_base=peft, adapter_elems=adapter, mode=mode,
-                         quantized=(s.quant if s.quant != "none" else ("nf4" if s.peft == "qlora" else "none")) != "none")
+                         quantized=s.effective_quant != "none")
     ml = model_level_bytes(d, tokens=tokens, seq=s.seq_len, tp=s.tp, act_bytes=c, first=stage == 0,
                            last=stage == s.pp - 1, frozen_base=peft, mode=mode, ckpt=s.activation_checkpointing)
     r.activations = k * (lb["kept"] * n_layers + ml["embedding"] + ml["final_norm"]) + lb["recompute"]
+    r.activations_recompute = lb["recompute"]
     r.logits = k * ml["logits"]
     if ml["logits"]:
         r.buffers += tokens * d.vocab / s.tp * c  # the logits tensor itself, alive until the loss backward

@@ -14,17 +14,13 @@ from dataclasses import dataclass, field
 import torch
 
 
+from trellis.engine.quantize import is_quantized_param
 from trellis.parallel.data_parallel import local as _local
 
 
 def _nbytes(t: torch.Tensor) -> int:
     t = _local(t)
     return t.numel() * t.element_size()
-
-
-def _is_quantized_param(p: torch.Tensor) -> bool:
-    # bitsandbytes Params4bit: packed uint8 data + a quant_state holding absmax (and nested constants).
-    return getattr(p, "quant_state", None) is not None
 
 
 def _quant_state_bytes(p: torch.Tensor) -> int:
@@ -41,7 +37,7 @@ def param_bytes(model: torch.nn.Module) -> dict:
     trainable = frozen = 0
     for p in model.parameters():
         n = _nbytes(p)
-        if _is_quantized_param(p):
+        if is_quantized_param(p):
             n += _quant_state_bytes(p)
             key = "4bit"
         else:

@@ -15,7 +15,7 @@ from trellis.parallel.parallelize import ParallelModel, parallelize
 
 from .amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
 from .backend import StepResult, TrainingBackend
-from .data import Batch, global_token_count
+from .data import IGNORE_INDEX, Batch, global_token_count
 from .optim import build_optimizer, set_lr
 
 
@@ -159,7 +159,7 @@ class NativeBackend(TrainingBackend):
             # size; the last round is filled with label-less micro-batches (ignored by the loss sum).
             n = self.pm.pipeline.n_microbatches
             mbs = list(micro_batches)
-            filler = Batch(input_ids=torch.zeros_like(mbs[0].input_ids), labels=torch.full_like(mbs[0].labels, -100))
+            filler = Batch(input_ids=torch.zeros_like(mbs[0].input_ids), labels=torch.full_like(mbs[0].labels, IGNORE_INDEX))
             mbs += [filler] * (-len(mbs) % n)
             total = 0.0
             for i in range(0, len(mbs), n):

@@ -41,20 +41,21 @@ class AdaLora:
         self.trainable_adapter_name = ADAPTER
         self.peft_config = {ADAPTER: peft_config}
         self.rankallocator = RankAllocator(model, peft_config, ADAPTER)
+        # the regulariser's matrices, listed once (tp = pp = 1, no FSDP: the parameter objects never change)
+        self._orth = [("lora_A" in n, p) for n, p in model.named_parameters()
+                      if ("lora_A" in n or "lora_B" in n) and ADAPTER in n]
         self.step = 0  # global step of the next update_and_allocate (0-based, as in peft's documented loop)
 
     def orth_reg(self) -> torch.Tensor | None:
         """orth_reg_weight × the mean ||P Pᵀ - I||_F, exactly as peft adds it to `outputs.loss`."""
         w = self.peft_config[ADAPTER].orth_reg_weight
-        total, n = None, 0
-        for name, p in self.model.named_parameters():
-            if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
-                cov = p @ p.T if "lora_A" in name else p.T @ p
-                eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
-                term = torch.norm(cov - eye, p="fro")
-                total = term if total is None else total + term
-                n += 1
-        return None if n == 0 else w * (total / n)
+        total = None
+        for is_a, p in self._orth:
+            cov = p @ p.T if is_a else p.T @ p
+            eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
+            term = torch.norm(cov - eye, p="fro")
+            total = term if total is None else total + term
+        return None if not self._orth else w * (total / len(self._orth))
 
     def backward_orth_reg(self, scale: float, dp: int) -> float:
         """Backward of this rank's share of the regulariser (grads are summed over dp, so each dp rank adds

@@ -158,18 +158,11 @@ def _kept_activations(setup) -> float:
     """The estimate's activations without the recompute peak of checkpointing: what the meter can see
     (saved tensors and checkpoint inputs during forward; the recomputation runs inside backward). The
     recompute term is one block's activations without checkpointing, checked by the no-checkpoint cases."""
-    from trellis.engine.memory import _targets, estimate
-    from trellis.engine.memory_activations import per_layer_bytes, regime
+    from trellis.engine.memory import estimate
     from trellis.engine.memory_models import resolve_model
 
-    d = resolve_model("tiny-llama")
-    est = estimate(d, setup).ranks[0]
-    c = 4 if setup.precision == "fp32" else 2
-    recompute = per_layer_bytes(d, tokens=BATCH * SEQ, seq=SEQ, tp=1, sp=False, act_bytes=c,
-                                ckpt=setup.activation_checkpointing, frozen_base=setup.peft != "none",
-                                adapter_elems=setup.lora_r * len(_targets(d, setup)) if setup.peft != "none" else 0.0,
-                                mode=regime(setup.precision, setup.backend, setup.zero))["recompute"]
-    return est.activations - recompute if setup.activation_checkpointing != "none" else est.activations
+    est = estimate(resolve_model("tiny-llama"), setup).ranks[0]
+    return est.activations - est.activations_recompute
 
 
 def _check_activations(label: str, setup, mem: dict) -> list[str]:
