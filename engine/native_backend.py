@@ -113,8 +113,8 @@ class NativeBackend(TrainingBackend):
             local_loss += self.adalora.backward_orth_reg(self._scale, self.dims.dp)
         if self.grad_sync is not None:
             self.grad_sync.sync()
-        if self.pm.pipeline is not None and hasattr(self.pm.pipeline, "sync_tied_grads"):
-            self.pm.pipeline.sync_tied_grads()
+        if self.pm.pipeline is not None:
+            self.pm.pipeline.sync_replicated_grads()
         loss = self._world_loss(local_loss)
 
         skipped = False
@@ -133,7 +133,7 @@ class NativeBackend(TrainingBackend):
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(inv)
-        norm = total_grad_norm(self.params, self.pp_group, exclude=self._tied_duplicates())
+        norm = total_grad_norm(self.params, self.pp_group, exclude=self._duplicates())
         clip_grads_(self.params, self.cfg.train.grad_clip, norm)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -143,11 +143,9 @@ class NativeBackend(TrainingBackend):
         return StepResult(loss=loss, grad_norm=float(norm), skipped=skipped,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
 
-    def _tied_duplicates(self) -> set[int]:
+    def _duplicates(self) -> set[int]:
         pipe = self.pm.pipeline
-        if pipe is None or not hasattr(pipe, "tied_duplicate_params"):
-            return set()
-        return {id(p) for p in pipe.tied_duplicate_params()}
+        return set() if pipe is None else {id(p) for p in pipe.duplicate_params()}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> float:

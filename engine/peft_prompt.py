@@ -14,14 +14,15 @@ call the decoder stack, so the model also carries `trellis_input_prefix` (called
 after the token embedding, before position embeddings / input norms, as HF does with inputs_embeds) and
 `trellis_first_stage_only` (the prompt module lives on the first stage only); the LM-head hook fires on the
 last stage, and the activations between stages carry seq_len + num_virtual_tokens positions (the pipeline
-infers its P2P shapes from the first micro-batch). Prefix tuning / P-tuning v2: see attach_prefix (dp and
-tp; refused under pp).
+infers its P2P shapes from the first micro-batch). Prefix tuning / P-tuning v2: see attach_prefix (dp, tp
+and pp; not interleaved 1F1B).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from trellis.errors import ConfigError
 
@@ -58,11 +59,10 @@ def is_prefix(cfg) -> bool:
 
 
 def check_layout(cfg) -> None:
-    if is_prefix(cfg) and cfg.parallel.pp > 1:
-        raise ConfigError(f"peft.method={cfg.peft.method!r} with parallel.pp={cfg.parallel.pp}: per-layer key/value "
-                          "prefixes are not supported under pipeline parallel yet (a stage's blocks would need the "
-                          "prefix cache, offset positions and a prefix-aware causal mask); use parallel.pp=1 "
-                          "(dp and tp work), or peft.method='prompt'/'ptuning' which support pp")
+    if is_prefix(cfg) and cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved_1f1b":
+        raise ConfigError(f"peft.method={cfg.peft.method!r} with parallel.pp_schedule='interleaved_1f1b': the "
+                          "prefix encoder would be replicated on both virtual stages of a rank under one name; "
+                          "use parallel.pp_schedule='1f1b' or 'gpipe'")
     if cfg.parallel.sequence_parallel:
         raise ConfigError(f"peft.method={cfg.peft.method!r} does not support parallel.sequence_parallel; set it false")
 
@@ -115,10 +115,14 @@ def with_virtual_tokens(root: nn.Module, tok: torch.Tensor) -> torch.Tensor:
 
 def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
     """peft's PrefixEncoder under `peft_prompt`, and a pre-hook on the decoder stack that passes its output
-    as `past_key_values` (a fresh DynamicCache per forward, built as PeftModelForCausalLM.get_prompt does),
-    so HF itself offsets the positions by num_virtual_tokens and lets every token attend to the prefix.
+    as `past_key_values` (built as PeftModelForCausalLM.get_prompt does), so HF itself offsets the positions
+    by num_virtual_tokens and lets every token attend to the prefix.
     Under tensor parallel each rank keeps the prefix heads of its own k/v projection shard (contiguous kv
-    heads, like the colwise k_proj/v_proj); the replicated encoder's gradient is summed over tp."""
+    heads, like the colwise k_proj/v_proj); the replicated encoder's gradient is summed over tp.
+    Under pipeline parallel every stage holds a replica of the encoder and uses the prefixes of its own
+    (global) layer indices; the stage forward (parallel/stage_forward.py) calls `trellis_kv_prefix` and
+    offsets positions and the causal mask by `trellis_prefix_len`, and the pipeline sums the replicas'
+    gradients over pp before the step (`trellis_pp_replicated`)."""
     import peft
 
     pc = prompt_config(cfg, model.config)
@@ -126,29 +130,47 @@ def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         enc = peft.tuners.prefix_tuning.PrefixEncoder(pc)
     model.add_module(PROMPT_MODULE, enc)
-    n, layers, heads = pc.num_virtual_tokens, pc.num_layers, pc.num_attention_heads
-    head_dim = pc.token_dim // heads
+    heads = pc.num_attention_heads
+    enc.trellis_kv_shape = (pc.num_virtual_tokens, pc.num_layers * 2, heads, pc.token_dim // heads)
+    enc.trellis_tp_mesh = None  # set by parallelize() when tensor parallel is on
     stack = model.get_submodule(spec.layers.rsplit(".", 1)[0])
-    model.trellis_tp_mesh = None  # set by parallelize() when tensor parallel is on
 
     def add_prefix_cache(module, args, kwargs):
-        from transformers import DynamicCache
-
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
-        b = ref.shape[0]
-        kv = enc(torch.arange(n, device=ref.device).unsqueeze(0).expand(b, n))
-        kv = kv.view(b, n, layers * 2, heads, head_dim)
-        mesh = model.trellis_tp_mesh
-        if mesh is not None:
-            kv = sum_grad_over(kv, mesh.get_group())
-            tp, r = mesh.size(), mesh.get_local_rank()
-            kv = kv[:, :, :, r * heads // tp:(r + 1) * heads // tp]
-        kv = kv.permute(2, 0, 3, 1, 4).split(2)  # per layer: [2, b, heads, n, head_dim]
-        kwargs["past_key_values"] = DynamicCache(list(kv))
+        kwargs["past_key_values"] = kv_prefix(model, ref.shape[0], ref.device)
         return args, kwargs
 
     stack.register_forward_pre_hook(add_prefix_cache, with_kwargs=True)
+    # for parallel/pipeline.py and parallel/stage_forward.py (the stage forward never calls the stack)
+    model.trellis_kv_prefix = kv_prefix
+    model.trellis_prefix_len = pc.num_virtual_tokens
+    model.trellis_pp_replicated = (PROMPT_MODULE,)
     return enc
 
 
+def kv_prefix(root: nn.Module, b: int, device) -> "PrefixCache":
+    """The key/value prefix cache of every layer for a batch of `b`, from the encoder of `root` (the model
+    or a pipeline stage); under tensor parallel, this rank's kv heads."""
+    enc = root.get_submodule(PROMPT_MODULE)
+    n, kv_layers, heads, head_dim = enc.trellis_kv_shape
+    kv = enc(torch.arange(n, device=device).unsqueeze(0).expand(b, n)).view(b, n, kv_layers, heads, head_dim)
+    mesh = enc.trellis_tp_mesh
+    if mesh is not None:
+        kv = sum_grad_over(kv, mesh.get_group())
+        tp, r = mesh.size(), mesh.get_local_rank()
+        kv = kv[:, :, :, r * heads // tp:(r + 1) * heads // tp]
+    return PrefixCache(kv.permute(2, 0, 3, 1, 4).split(2))  # per layer: [2, b, heads, n, head_dim]
+
+
+class PrefixCache(DynamicCache):
+    """A read-only key/value prefix: update() returns [prefix | new keys/values] and stores nothing. A
+    DynamicCache appends on every call, so recomputing a block under activation checkpointing would see the
+    block's own keys twice; with this cache a forward and its recomputation match."""
+
+    def __init__(self, per_layer_kv):
+        super().__init__(list(per_layer_kv))
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)

@@ -70,8 +70,9 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
 
         apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=cfg.parallel.sequence_parallel)
         loss_parallel = True
-        if hasattr(model, "trellis_tp_mesh"):  # PEFT prefix tuning keeps the k/v prefix heads of its shard
-            model.trellis_tp_mesh = mesh["tp"]
+        for m in model.modules():  # modules that ask for the tp mesh (PEFT prefix: the k/v heads of its shard)
+            if hasattr(m, "trellis_tp_mesh"):
+                m.trellis_tp_mesh = mesh["tp"]
 
     # 3. pipeline split
     pipeline = None

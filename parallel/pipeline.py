@@ -4,7 +4,9 @@ A stage module keeps the ORIGINAL fully-qualified parameter names ("model.layers
 the decoder-block ModuleList becomes a ModuleDict keyed by the original index and modules of other
 stages are deleted, so checkpoints load on any layout. Tied input/output embeddings (GPT-2, OPT, BLOOM)
 become two copies, on the first and the last stage; their gradients are summed across the pp group
-before every optimizer step, so the copies stay identical.
+before every optimizer step, so the copies stay identical. Modules the model marks as replicated on every
+stage (`trellis_pp_replicated`: PEFT prefix tuning's encoder, each stage using the prefixes of its own
+layers) are handled the same way.
 """
 
 from __future__ import annotations
@@ -94,6 +96,10 @@ class StageModule(nn.Module):
         setattr(model.get_submodule(parent_path), attr, kept)
         # PEFT virtual tokens (engine/peft_prompt.py): embeds -> [virtual | embeds], first stage only
         self.input_prefix = getattr(model, "trellis_input_prefix", None) if is_first else None
+        # PEFT prefix tuning (engine/peft_prompt.py): per-layer key/value prefixes on every stage
+        self.kv_prefix = getattr(model, "trellis_kv_prefix", None)
+        self.prefix_len = getattr(model, "trellis_prefix_len", 0)
+        self.pp_replicated = tuple(getattr(model, "trellis_pp_replicated", ()))
         drop = []
         if not is_first:
             drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm,
@@ -226,7 +232,7 @@ class Pipeline:
         self._eval_schedule.eval()
         return None
 
-    # --- tied embeddings ---------------------------------------------------------------------------
+    # --- parameters with a copy on several stages: tied embeddings, pp-replicated modules ----------
     def _tied_param(self) -> nn.Parameter | None:
         spec = self.stage_module.spec
         for m in self.stage_modules:
@@ -236,28 +242,34 @@ class Pipeline:
                 return m.get_submodule(spec.lm_head).weight
         return None
 
+    def _replicated_params(self) -> list[nn.Parameter]:
+        m = self.stage_module
+        return [p for path in m.pp_replicated for p in m.get_submodule(path).parameters() if p.requires_grad]
+
     @torch.no_grad()
-    def sync_tied_grads(self) -> None:
-        """Sum the tied weight's gradient of the first and last stage (pp == 2 when tied)."""
-        if not self.tied:
-            return
+    def sync_replicated_grads(self) -> None:
+        """Sum over the pp group the gradients of every parameter with a copy on each stage: the tied
+        weight of the first and last stage (pp == 2 when tied) and the pp-replicated modules."""
         from torch.distributed.tensor import DTensor
 
-        p = self._tied_param()
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        g = p.grad
-        if isinstance(g, DTensor) and g.placements != p.placements:
-            # a vocab-parallel embedding's grad can come back Replicate; match the weight's sharding
-            g = g.redistribute(p.device_mesh, p.placements)
-            p.grad = g
-        dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.pp_group)
+        params = ([self._tied_param()] if self.tied else []) + self._replicated_params()
+        for p in params:
+            if not p.requires_grad:  # a frozen tied embedding (PEFT) has no gradient to sync
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            g = p.grad
+            if isinstance(g, DTensor) and g.placements != p.placements:
+                # a vocab-parallel embedding's grad can come back Replicate; match the weight's sharding
+                g = g.redistribute(p.device_mesh, p.placements)
+                p.grad = g
+            dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.pp_group)
 
-    def tied_duplicate_params(self) -> list[nn.Parameter]:
-        """The last stage's copy of a tied weight (counted once, on the first stage, for the grad norm)."""
-        if self.tied and self.is_last:
-            return [self._tied_param()]
-        return []
+    def duplicate_params(self) -> list[nn.Parameter]:
+        """Copies the gradient norm counts on another stage: the last stage's tied weight, and the
+        pp-replicated modules everywhere but the first stage."""
+        out = [self._tied_param()] if self.tied and self.is_last else []
+        return out + (self._replicated_params() if self.pp_rank > 0 else [])
 
 
 def build_stage_module(model: nn.Module, spec: FamilySpec, stage_idx: int, num_stages: int,

@@ -4,6 +4,11 @@ HF models build masks, rotary and ALiBi tensors at model level; a stage has to r
 need. Attention inside a stage must stay causal (HF eager attention with attention_mask=None is
 silently bidirectional): sdpa families get attention_mask=None, which HF's sdpa path runs with
 is_causal=True; BLOOM (eager only) gets an explicit additive causal mask.
+
+PEFT prefix tuning (engine/peft_prompt.py) gives every block a read-only key/value prefix of
+`stage.prefix_len` virtual positions: positions then start at prefix_len (as HF offsets them by the cache
+length), and the mask is explicit, [seq, prefix + seq], since sdpa's is_causal aligns a non-square mask
+to the top left (queries would not see the whole prefix).
 """
 
 from __future__ import annotations
@@ -14,8 +19,19 @@ from torch import nn
 from .models.base import FamilySpec
 
 
-def _positions(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+def _positions(x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    return torch.arange(offset, offset + x.shape[1], device=x.device).unsqueeze(0).expand(x.shape[0], -1)
+
+
+def _causal_mask(b: int, s: int, prefix: int, dtype: torch.dtype, device, additive: bool) -> torch.Tensor:
+    """[b, 1, s, prefix + s]: query i sees keys 0 .. prefix + i. Additive (0 / dtype min) or boolean (True
+    = attend, what sdpa takes whatever the compute dtype under autocast)."""
+    keep = torch.ones(s, prefix + s, dtype=torch.bool, device=device).tril(prefix)
+    if additive:
+        mask = torch.zeros(s, prefix + s, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+    else:
+        mask = keep
+    return mask[None, None].expand(b, 1, s, prefix + s)
 
 
 def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor) -> torch.Tensor:
@@ -26,19 +42,23 @@ def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor) -> torch.
         dec = stage.get_submodule(spec.backbone)
         if dec.project_in is not None:
             h = dec.project_in(h)
-        pos = _positions(h)
+        pos = _positions(h, getattr(stage, "prefix_len", 0))
         h = h + dec.embed_positions(torch.ones(h.shape[:2], dtype=input_ids.dtype, device=h.device), 0,
                                     position_ids=pos)
     elif spec.position_embedding:
-        h = h + stage.get_submodule(spec.position_embedding)(_positions(h))
+        h = h + stage.get_submodule(spec.position_embedding)(_positions(h, getattr(stage, "prefix_len", 0)))
     if spec.embed_norm:
         h = stage.get_submodule(spec.embed_norm)(h)
     return h
 
 
 def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
-    pos = _positions(h)
+    n = getattr(stage, "prefix_len", 0)  # PEFT key/value prefix positions in front of every block's keys
+    b, s = h.shape[:2]
+    pos = _positions(h, n)
     kwargs: dict = {}
+    if n:
+        kwargs[spec.cache_kwarg] = stage.kv_prefix(stage, b, h.device)
     if spec.rotary_emb:
         kwargs["position_embeddings"] = stage.get_submodule(spec.rotary_emb)(h, pos)
         kwargs["position_ids"] = pos
@@ -46,11 +66,12 @@ def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: t
         from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
 
         n_heads = stage.config.n_head
-        s = h.shape[1]
         slopes = _get_alibi_slopes(n_heads, h.device)
-        kwargs["alibi"] = (slopes[:, None, None] * torch.arange(s, device=h.device)).repeat(h.shape[0], 1, 1).to(h.dtype)
-        mask = torch.full((s, s), torch.finfo(h.dtype).min, device=h.device, dtype=h.dtype).triu(1)
-        kwargs["attention_mask"] = mask[None, None].expand(h.shape[0], 1, s, s)
+        kwargs["alibi"] = (slopes[:, None, None] * torch.arange(n + s, device=h.device)).repeat(b, 1, 1).to(h.dtype)
+        kwargs["attention_mask"] = _causal_mask(b, s, n, h.dtype, h.device, additive=True)
+    elif n:
+        eager = getattr(stage.config, "_attn_implementation", "sdpa") == "eager"
+        kwargs["attention_mask"] = _causal_mask(b, s, n, h.dtype, h.device, additive=eager)
     else:
         kwargs["attention_mask"] = None
     for block in blocks:

@@ -212,6 +212,14 @@ def _inspect(trainer, cfg, rank: int) -> dict:
             copies = [torch.empty_like(p.data) for _ in range(dist.get_world_size(tp_group))]
             dist.all_gather(copies, p.data.contiguous(), group=tp_group)
             drift = max(drift, max((c - copies[0]).abs().max().item() for c in copies))
+    pp_drift = 0.0
+    pipe = backend.pm.pipeline
+    if pipe is not None:  # modules replicated on every stage (prefix encoder) must be bit-identical over pp
+        for p in pipe._replicated_params():
+            t = p.to_local() if isinstance(p, DTensor) else p
+            copies = [torch.empty_like(t.data) for _ in range(pipe.pp)]
+            dist.all_gather(copies, t.data.contiguous(), group=pipe.pp_group)
+            pp_drift = max(pp_drift, max((c - copies[0]).abs().max().item() for c in copies))
     logits = None
     if trainer.dims.pp == 1:
         with torch.no_grad():
@@ -220,6 +228,7 @@ def _inspect(trainer, cfg, rank: int) -> dict:
     ckpt = str(trainer.checkpointer.last_saved) if trainer.checkpointer and trainer.checkpointer.last_saved else None
     return {"records": records, "memory": backend.memory_report(), "frozen_with_grad": frozen_with_grad,
             "non_adapter_in_opt": non_adapter_in_opt, "n_opt_params": len(owned), "drift": drift,
+            "pp_drift": pp_drift,
             "logits": logits if rank == 0 else None, "checkpoint": ckpt, "tp": trainer.dims.tp,
             "dp": trainer.dims.dp}
 

@@ -85,7 +85,7 @@ def pipeline_checks(rank: int, world: int, cases: list[tuple[str, str, bool]]) -
             ref_loss = loss_fn(ref(input_ids=ids).logits, labels)
             ref_loss.backward()
             loss = pipe.train_step(ids, labels)
-            pipe.sync_tied_grads()
+            pipe.sync_replicated_grads()
             if pipe.is_last:
                 res["loss_delta"].append(abs(loss - ref_loss.item()))
             else:

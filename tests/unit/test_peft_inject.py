@@ -36,12 +36,50 @@ def test_peft_config_per_method(method, cls):
 
 
 @pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
-def test_per_layer_prefixes_under_pipeline_parallel_are_a_clear_config_error(method):
+def test_per_layer_prefixes_under_interleaved_1f1b_are_a_clear_config_error(method):
     from trellis.engine.peft_inject import make_injector
 
-    cfg = _cfg(**{"peft.method": method, "parallel.pp": 2})
-    with pytest.raises(ConfigError, match=f"peft.method='{method}' with parallel.pp=2.*not supported under pipeline"):
+    cfg = _cfg(**{"peft.method": method, "parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"})
+    with pytest.raises(ConfigError, match=f"peft.method='{method}' with parallel.pp_schedule='interleaved_1f1b'.*"
+                                          "use parallel.pp_schedule='1f1b'"):
         make_injector(cfg)(_model(cfg), SPEC)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bloom", "neox"])
+@pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
+def test_prefix_pipeline_stages_compose_to_the_whole_model(family, method):
+    """Two pipeline stage modules run one after the other (in one process) give the in-place model's logits
+    (which equal peft's, test above), and the two encoder replicas' gradients add up to the whole model's:
+    positions offset by the prefix, the [seq, prefix + seq] mask, each stage's global layer indices."""
+    import copy
+
+    from trellis.parallel.hf_surgery import prepare_model
+    from trellis.parallel.pipeline import build_stage_module, split_layers
+
+    from trellis.engine.peft_inject import make_injector
+
+    cfg = _cfg(**{"model.path": f"tiny-{family}", "peft.method": method, "peft.num_virtual_tokens": 4})
+    full = _model(cfg)
+    spec = family_for(full.config.model_type)
+    prepare_model(full, spec)
+    make_injector(cfg)(full, spec)
+    ids = torch.randint(0, full.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    want = full(input_ids=ids).logits
+    want.square().sum().backward()
+    want_grads = {n: p.grad.clone() for n, p in full.named_parameters() if p.requires_grad}
+    full.zero_grad(set_to_none=True)
+    ranges = split_layers(len(full.get_submodule(spec.layers)), 2, "even")
+    stages = [build_stage_module(copy.deepcopy(full), spec, i, 2, ranges[i]) for i in range(2)]
+    h = stages[0](ids)
+    h_in = h.detach().requires_grad_()
+    got = stages[1](h_in)
+    got.square().sum().backward()
+    h.backward(h_in.grad)
+    assert torch.equal(got, want)
+    for name, g in want_grads.items():
+        parts = [dict(s.named_parameters())[name].grad for s in stages]
+        assert all(x is not None and x.abs().max() > 0 for x in parts), f"{name}: a stage's replica got no gradient"
+        torch.testing.assert_close(parts[0] + parts[1], g, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
