@@ -13,8 +13,9 @@ from trellis.errors import CheckpointError
 from . import checkpoint_io as io
 
 
-def full_model_state(path: Path) -> dict[str, torch.Tensor]:
-    """Unsharded model tensors (FQN -> tensor) of a native checkpoint, whatever layout wrote it."""
+def full_state(path: Path, section: str) -> dict[str, torch.Tensor]:
+    """One top-level section ("model", "optim", "adalora", ...) of a native checkpoint's state as unsharded
+    tensors keyed as saved (FQNs for "model"), whatever layout wrote it; {} when the section is absent."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     meta = io.verify(path)
@@ -24,9 +25,14 @@ def full_model_state(path: Path) -> dict[str, torch.Tensor]:
         out = Path(d) / "full.pt"
         dcp_to_torch_save(str(path / "state"), str(out))
         state = torch.load(out, weights_only=True, map_location="cpu")
-    if isinstance(state.get("model"), dict):  # DCP keeps the nesting of what we saved
-        return dict(state["model"])
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    if isinstance(state.get(section), dict):  # DCP keeps the nesting of what we saved
+        return dict(state[section])
+    return {k[len(section) + 1:]: v for k, v in state.items() if k.startswith(section + ".")}
+
+
+def full_model_state(path: Path) -> dict[str, torch.Tensor]:
+    """Unsharded model tensors (FQN -> tensor) of a native checkpoint, whatever layout wrote it."""
+    return full_state(path, "model")
 
 
 def to_fp32_safetensors(path: Path, out: Path) -> Path:

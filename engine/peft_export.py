@@ -5,6 +5,8 @@ full tensors (checkpoint_convert.full_model_state), so a ZeRO-3 / TP / PP checkp
 adapters. The unsharded base is rebuilt from the run's own config (model.path, seed), peft wraps it with
 the run's peft config, the adapters are loaded under their FQNs and peft itself writes its format
 (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<fqn>` without `.default`).
+AdaLoRA: the checkpoint's final rank pattern goes into the config, so peft saves each module's lora_A/E/B
+cut to the ranks the budget kept (and loads them back at those ranks), as its own training loop would.
 
 Merged export with a 4-bit base (QLoRA): the adapters were trained against the *dequantized* 4-bit
 weights, so those are what they are merged into. We rebuild them exactly as training quantized them:
@@ -75,7 +77,7 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     from trellis.parallel.models import family_for
 
     from . import checkpoint_io as io
-    from .checkpoint_convert import full_model_state
+    from .checkpoint_convert import full_model_state, full_state
     from .model import build_model
     from .peft_inject import PROMPT_LEARNING, build_peft_config
     from .quantize import quant_spec
@@ -117,6 +119,11 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     with torch.no_grad():
         for k, v in sd.items():
             own[k].copy_(v.reshape(own[k].shape))
+    if cfg.peft.method == "adalora":
+        ada = full_state(path, "adalora")
+        if int(ada["has_rank_pattern"].item()):  # engine/peft_adalora.py: keys rank_pattern/<lora_E FQN>
+            model.peft_config["default"].rank_pattern = {
+                k.split("/", 1)[1]: v.bool().tolist() for k, v in ada.items() if k.startswith("rank_pattern/")}
     return model, cfg, model_dir
 
 

@@ -104,7 +104,8 @@ def make_injector(cfg):
     return inject
 
 
-_ADAPTER_KEYS = ("lora_", "ia3_", "hada_", "lokr_", "hra_", "lora_magnitude_vector", "ranknum")
+# AdaLoRA's `ranknum` (the initial rank, a scaling constant) is a frozen Parameter in peft: not an adapter key.
+_ADAPTER_KEYS = ("lora_", "ia3_", "hada_", "lokr_", "hra_", "lora_magnitude_vector")
 
 
 def _is_adapter_param(name: str) -> bool:
