@@ -8,6 +8,11 @@ the run's peft config, the adapters are loaded under their FQNs and peft itself 
 AdaLoRA: the checkpoint's final rank pattern goes into the config, so peft saves each module's lora_A/E/B
 cut to the ranks the budget kept (and loads them back at those ranks), as its own training loop would.
 
+GPT-2: trellis trains it with c_attn unfused into q/k/v Linears (parallel/hf_surgery.py), each with its own
+rank-r LoRA; peft's format addresses the fused Conv1D c_attn. Three rank-r adapters are exactly one
+rank-3r adapter on the fused layer: A = [A_q; A_k; A_v] and B = blockdiag(B_q, B_k, B_v), with c_attn's rank
+and alpha set per module (rank_pattern / alpha_pattern) so the scaling is unchanged. LoRA / rsLoRA only.
+
 Merged export with a 4-bit base (QLoRA): the adapters were trained against the *dequantized* 4-bit
 weights, so those are what they are merged into. We rebuild them exactly as training quantized them:
 the full linear when tp == 1, each tp rank's shard (colwise rows / rowwise columns) when tp > 1.
@@ -70,6 +75,43 @@ def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
         raise CheckpointError("a 4-bit decoder-block linear is not in the family's TP plan; cannot rebuild it")
 
 
+def _fuse_gpt2_qkv(state: dict[str, torch.Tensor], pc, rslora: bool) -> dict[str, torch.Tensor]:
+    """LoRA tensors of trellis' unfused GPT-2 (c_attn.{q,k,v}) as LoRA of HF's fused c_attn, in place of
+    them; `pc` gets the exact adapted module names and c_attn's rank / alpha patterns."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    modules = set()
+    for k, v in state.items():
+        mod, _, rest = k.partition(".lora_")
+        parent, _, part = mod.rpartition(".")
+        if parent.endswith(".c_attn") and part in ("q", "k", "v"):
+            if rest.startswith("A."):
+                a, b = v, state[f"{mod}.lora_B.{rest[2:]}"]
+                fused.setdefault(parent, {})[part] = (a, b)
+            continue
+        out[k] = v
+        modules.add(mod)
+    r, alpha = pc.r, pc.lora_alpha
+    pc.rank_pattern, pc.alpha_pattern = dict(pc.rank_pattern or {}), dict(pc.alpha_pattern or {})
+    for parent, parts in fused.items():
+        names = [x for x in ("q", "k", "v") if x in parts]
+        h = parts[names[0]][1].shape[0]
+        m = len(names)
+        a = torch.cat([parts[x][0] for x in names])
+        b = torch.zeros(3 * h, m * r, dtype=a.dtype)
+        for i, x in enumerate(names):
+            j = "qkv".index(x)
+            b[j * h:(j + 1) * h, i * r:(i + 1) * r] = parts[x][1]
+        out[f"{parent}.lora_A.default.weight"], out[f"{parent}.lora_B.default.weight"] = a, b
+        modules.add(parent)
+        # scaling alpha/r (rsLoRA alpha/sqrt(r)) must not change with the rank: r' = m r
+        pc.rank_pattern[parent] = m * r
+        pc.alpha_pattern[parent] = alpha * (m ** 0.5 if rslora else m)
+    pc.target_modules = sorted(modules)
+    pc.fan_in_fan_out = True  # HF GPT-2's Conv1D stores weights (in, out)
+    return out
+
+
 def load_peft_model(path: Path, *, dequantized_base: bool = False):
     """(peft model with the checkpoint's adapters, run config, model dir) on the unsharded fp32 base."""
     from peft import get_peft_model
@@ -86,13 +128,12 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     cfg = _run_config(path, meta)
     base, model_dir = build_model(cfg.model, seed=cfg.train.seed)
     spec = family_for(base.config.model_type)
-    if spec.name == "gpt2":
-        # trellis trains GPT-2 with c_attn unfused into q/k/v Linears; peft's format addresses the fused Conv1D.
-        raise UserError("export of GPT-2 adapters is not supported yet (trellis unfuses c_attn for tensor "
-                        "parallel, so adapter names do not map onto HF GPT-2); use a llama/opt/bloom/neox family")
+    prompt = cfg.peft.method in PROMPT_LEARNING
+    if spec.name == "gpt2" and not prompt and cfg.peft.method not in ("lora", "rslora"):
+        raise UserError(f"export of GPT-2 adapters supports peft.method 'lora' / 'rslora' and prompt learning, "
+                        f"not {cfg.peft.method!r} (trellis unfuses c_attn into q/k/v; only LoRA re-fuses exactly)")
     if dequantized_base and quant_spec(cfg) is not None:
         _dequantize_like_training(base, spec, cfg, int(meta["layout"].get("tp", 1)))
-    prompt = cfg.peft.method in PROMPT_LEARNING
     if prompt:
         from .peft_prompt import PROMPT_MODULE, prompt_config
 
@@ -100,10 +141,12 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     else:
         pc = build_peft_config(cfg, spec, cfg.train.steps)
     pc.base_model_name_or_path = str(cfg.model.path)
-    model = get_peft_model(base, pc)
     state = full_model_state(path)
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no adapter tensors")
+    if spec.name == "gpt2" and not prompt:
+        state = _fuse_gpt2_qkv(state, pc, cfg.peft.method == "rslora")
+    model = get_peft_model(base, pc)
     if prompt:  # our in-place prompt module -> peft's wrapper attribute
         sd = {f"prompt_encoder.default.{k[len(PROMPT_MODULE) + 1:]}": v.float() for k, v in state.items()}
     else:

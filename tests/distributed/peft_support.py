@@ -50,8 +50,11 @@ def reference_model(cfg, targets, tmp: Path | None = None):
 
     from trellis.engine.model import build_model
     from trellis.engine.peft_inject import adapter_seed
+    from trellis.parallel.hf_surgery import prepare_model
+    from trellis.parallel.models import family_for
 
     model, model_dir = build_model(cfg.model, seed=cfg.train.seed)
+    prepare_model(model, family_for(model.config.model_type))  # GPT-2: the unfused q/k/v every layout trains
     if cfg.peft.method == "qlora" and cfg.parallel.tp > 1:
         _per_shard_4bit(model, cfg.parallel.tp)
     elif cfg.peft.method == "qlora":  # HF's own 4-bit load of the same weights

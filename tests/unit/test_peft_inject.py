@@ -223,3 +223,43 @@ def test_export_cli_names_a_missing_checkpoint(tmp_path, capsys):
     rc = main(["export", "adapter", str(tmp_path / "nope"), str(tmp_path / "out")])
     assert rc == 2
     assert "neither a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora"])
+@pytest.mark.parametrize("targets", [(), ("c_attn.q", "c_attn.v", "c_fc")])
+def test_gpt2_unfused_lora_refuses_into_peft_format_exactly(method, targets):
+    """trellis trains GPT-2 LoRA on unfused q/k/v Linears; export re-fuses each layer's q/k/v adapters into one
+    adapter of HF's Conv1D c_attn (rank m·r, block-diagonal B, alpha scaled to keep the scaling). peft's own
+    model on the HF GPT-2 with those tensors gives our logits. Non-trivial adapters: B drawn at random."""
+    from peft import get_peft_model
+
+    from trellis.engine.peft_export import _fuse_gpt2_qkv
+    from trellis.engine.peft_inject import build_peft_config, make_injector
+    from trellis.parallel.hf_surgery import prepare_model
+
+    cfg = _cfg(**{"model.path": "tiny-gpt2", "peft.method": method, "peft.r": 4, "peft.alpha": 8.0,
+                  "peft.target_modules": list(targets)})
+    ours = _model(cfg)
+    spec = family_for("gpt2")
+    prepare_model(ours, spec)
+    make_injector(cfg)(ours, spec)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    state = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    pc = build_peft_config(cfg, spec, 1)
+    fused = _fuse_gpt2_qkv(state, pc, method == "rslora")
+    assert not any(".c_attn.q." in k or ".c_attn.k." in k or ".c_attn.v." in k for k in fused)
+    ref = get_peft_model(_model(cfg), pc)
+    own = dict(ref.named_parameters())
+    assert {n for n, p in own.items() if p.requires_grad} == {f"base_model.model.{k}" for k in fused}
+    with torch.no_grad():
+        for k, v in fused.items():
+            own[f"base_model.model.{k}"].copy_(v)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 8), generator=g)
+    with torch.no_grad():
+        got, want, plain = ours(input_ids=ids).logits, ref(input_ids=ids).logits, _model(cfg)(input_ids=ids).logits
+    assert (want - plain).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(want, got, rtol=0, atol=1e-5)
