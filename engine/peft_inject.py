@@ -74,6 +74,7 @@ def make_injector(cfg):
 
     def inject(model: torch.nn.Module, spec) -> None:
         from peft import inject_adapter_in_model
+        from peft.tuners.tuners_utils import cast_adapter_dtype
 
         from .quantize import mark_for_tp_quantization, quant_spec, quantize_blocks
 
@@ -96,6 +97,9 @@ def make_injector(cfg):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(adapter_seed(cfg))
             inject_adapter_in_model(pc, model)
+        # peft creates adapters in the base layer's dtype: a 4-bit base with peft.compute_dtype='bf16' would give
+        # bf16 adapters trained without an fp32 copy. Upcast them, as get_peft_model does (autocast_adapter_dtype).
+        cast_adapter_dtype(model, adapter_name="default", autocast_adapter_dtype=True)
         for n, prm in model.named_parameters():
             prm.requires_grad_(_is_adapter_param(n))
         if not any(prm.requires_grad for prm in model.parameters()):

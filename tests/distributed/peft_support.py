@@ -61,8 +61,10 @@ def reference_model(cfg, targets, tmp: Path | None = None):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         model.save_pretrained(str(tmp))
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
+        pe = cfg.peft  # the run's 4-bit settings, read off the config (qlora's "auto" is NF4)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=pe.double_quant,
+                                 bnb_4bit_quant_type="nf4" if pe.quantize_base == "auto" else pe.quantize_base,
+                                 bnb_4bit_compute_dtype=torch.bfloat16 if pe.compute_dtype == "bf16" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(str(tmp), quantization_config=bnb, dtype=torch.float32)
     torch.manual_seed(adapter_seed(cfg))
     return get_peft_model(model, peft_config(cfg, targets)), model_dir
