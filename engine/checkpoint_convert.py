@@ -13,9 +13,10 @@ from trellis.errors import CheckpointError
 from . import checkpoint_io as io
 
 
-def full_state(path: Path, section: str) -> dict[str, torch.Tensor]:
-    """One top-level section ("model", "optim", "adalora", ...) of a native checkpoint's state as unsharded
-    tensors keyed as saved (FQNs for "model"), whatever layout wrote it; {} when the section is absent."""
+def full_sections(path: Path, sections: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Top-level sections ("model", "optim", "adalora", ...) of a native checkpoint's state as unsharded
+    tensors keyed as saved (FQNs for "model"), whatever layout wrote it, from one read of the checkpoint;
+    {} for a section the checkpoint lacks."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     meta = io.verify(path)
@@ -25,14 +26,18 @@ def full_state(path: Path, section: str) -> dict[str, torch.Tensor]:
         out = Path(d) / "full.pt"
         dcp_to_torch_save(str(path / "state"), str(out))
         state = torch.load(out, weights_only=True, map_location="cpu")
-    if isinstance(state.get(section), dict):  # DCP keeps the nesting of what we saved
-        return dict(state[section])
-    return {k[len(section) + 1:]: v for k, v in state.items() if k.startswith(section + ".")}
+
+    def section(name: str) -> dict[str, torch.Tensor]:
+        if isinstance(state.get(name), dict):  # DCP keeps the nesting of what we saved
+            return dict(state[name])
+        return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+
+    return {name: section(name) for name in sections}
 
 
 def full_model_state(path: Path) -> dict[str, torch.Tensor]:
     """Unsharded model tensors (FQN -> tensor) of a native checkpoint, whatever layout wrote it."""
-    return full_state(path, "model")
+    return full_sections(path, ("model",))["model"]
 
 
 def to_fp32_safetensors(path: Path, out: Path) -> Path:

@@ -1,7 +1,7 @@
 """Export a PEFT training checkpoint (any layout) as a peft adapter or as a merged HF model directory.
 
 Runs in one process with no process group: DCP reads every rank's shards of the adapter tensors into
-full tensors (checkpoint_convert.full_model_state), so a ZeRO-3 / TP / PP checkpoint exports complete
+full tensors (checkpoint_convert.full_sections), so a ZeRO-3 / TP / PP checkpoint exports complete
 adapters. The unsharded base is rebuilt from the run's own config (model.path, seed), peft wraps it with
 the run's peft config, the adapters are loaded under their FQNs and peft itself writes its format
 (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<fqn>` without `.default`).
@@ -119,7 +119,7 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     from trellis.parallel.models import family_for
 
     from . import checkpoint_io as io
-    from .checkpoint_convert import full_model_state, full_state
+    from .checkpoint_convert import full_sections
     from .model import build_model
     from .peft_inject import PROMPT_LEARNING, build_peft_config
     from .quantize import quant_spec
@@ -141,7 +141,8 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     else:
         pc = build_peft_config(cfg, spec, cfg.train.steps)
     pc.base_model_name_or_path = str(cfg.model.path)
-    state = full_model_state(path)
+    saved = full_sections(path, ("model", "adalora"))  # adalora: {} unless an AdaLoRA run
+    state = saved["model"]
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no adapter tensors")
     if spec.name == "gpt2" and not prompt:
@@ -163,7 +164,7 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
         for k, v in sd.items():
             own[k].copy_(v.reshape(own[k].shape))
     if cfg.peft.method == "adalora":
-        ada = full_state(path, "adalora")
+        ada = saved["adalora"]
         if int(ada["has_rank_pattern"].item()):  # engine/peft_adalora.py: keys rank_pattern/<lora_E FQN>
             model.peft_config["default"].rank_pattern = {
                 k.split("/", 1)[1]: v.bool().tolist() for k, v in ada.items() if k.startswith("rank_pattern/")}

@@ -36,24 +36,25 @@ def _causal_mask(b: int, s: int, prefix: int, dtype: torch.dtype, device, additi
 
 def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor) -> torch.Tensor:
     h = stage.get_submodule(spec.embed_tokens)(input_ids)
+    offset = stage.prefix_len  # learned positions start after a PEFT key/value prefix
     if getattr(stage, "input_prefix", None) is not None:  # PEFT virtual tokens: positions then cover them
         h = stage.input_prefix(stage, h)
     if spec.name == "opt":
         dec = stage.get_submodule(spec.backbone)
         if dec.project_in is not None:
             h = dec.project_in(h)
-        pos = _positions(h, getattr(stage, "prefix_len", 0))
+        pos = _positions(h, offset)
         h = h + dec.embed_positions(torch.ones(h.shape[:2], dtype=input_ids.dtype, device=h.device), 0,
                                     position_ids=pos)
     elif spec.position_embedding:
-        h = h + stage.get_submodule(spec.position_embedding)(_positions(h, getattr(stage, "prefix_len", 0)))
+        h = h + stage.get_submodule(spec.position_embedding)(_positions(h, offset))
     if spec.embed_norm:
         h = stage.get_submodule(spec.embed_norm)(h)
     return h
 
 
 def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
-    n = getattr(stage, "prefix_len", 0)  # PEFT key/value prefix positions in front of every block's keys
+    n = stage.prefix_len  # PEFT key/value prefix positions in front of every block's keys
     b, s = h.shape[:2]
     pos = _positions(h, n)
     kwargs: dict = {}

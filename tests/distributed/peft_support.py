@@ -210,21 +210,13 @@ def _inspect(trainer, cfg, rank: int) -> dict:
     non_adapter_in_opt = sum(id(p) not in adapter_ids for p in owned)
     drift = 0.0
     if trainer.dims.tp > 1:  # replicated (plain) adapter params must be bit-identical over tp
-        tp_group = trainer.dims.mesh["tp"].get_group()
-        for _, p in backend.named_trainable:
-            if isinstance(p, DTensor):
-                continue
-            copies = [torch.empty_like(p.data) for _ in range(dist.get_world_size(tp_group))]
-            dist.all_gather(copies, p.data.contiguous(), group=tp_group)
-            drift = max(drift, max((c - copies[0]).abs().max().item() for c in copies))
+        plain = [p for _, p in backend.named_trainable if not isinstance(p, DTensor)]
+        drift = _replica_drift(plain, trainer.dims.mesh["tp"].get_group())
     pp_drift = 0.0
     pipe = backend.pm.pipeline
     if pipe is not None:  # modules replicated on every stage (prefix encoder) must be bit-identical over pp
-        for p in pipe._replicated_params():
-            t = p.to_local() if isinstance(p, DTensor) else p
-            copies = [torch.empty_like(t.data) for _ in range(pipe.pp)]
-            dist.all_gather(copies, t.data.contiguous(), group=pipe.pp_group)
-            pp_drift = max(pp_drift, max((c - copies[0]).abs().max().item() for c in copies))
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in pipe._replicated_params()]
+        pp_drift = _replica_drift(local, pipe.pp_group)
     logits = None
     if trainer.dims.pp == 1:
         with torch.no_grad():
@@ -236,6 +228,16 @@ def _inspect(trainer, cfg, rank: int) -> dict:
             "pp_drift": pp_drift,
             "logits": logits if rank == 0 else None, "checkpoint": ckpt, "tp": trainer.dims.tp,
             "dp": trainer.dims.dp}
+
+
+def _replica_drift(tensors: list[torch.Tensor], group) -> float:
+    """Largest |difference| between the copies of each tensor held by the ranks of `group`."""
+    drift = 0.0
+    for t in tensors:
+        copies = [torch.empty_like(t.data) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(copies, t.data.contiguous(), group=group)
+        drift = max(drift, max((c - copies[0]).abs().max().item() for c in copies))
+    return drift
 
 
 # ---- the deliberately wrong order (proves the order test can fail) --------------------------------
