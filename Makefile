@@ -4,14 +4,16 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# CPU torch pin for this machine class; GPU users install their own torch and skip it.
+# The pinned test environment (exact versions of everything, CPU torch): what CI installs and tests.
+# GPU users install their own torch and skip it. `make lock` refreshes it; `make test-latest` ignores it.
 CONSTRAINTS := constraints-cpu.txt
+TORCH_PIN := $(shell grep -m1 '^torch==' $(CONSTRAINTS))
 # DeepSpeed JIT-builds C++ ops on first use: build once, into the project.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
 export TOKENIZERS_PARALLELISM := false
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-distributed test-integration sysdeps venv bench clean
+.PHONY: demo test test-fast test-distributed test-integration test-isa test-latest lock sysdeps venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -55,6 +57,35 @@ test-distributed: venv
 
 test-integration: venv sysdeps
 	$(call run_pytest,-m integration tests)
+
+# The numerics tiers (unit + distributed) with torch, oneDNN and MKL limited to AVX2: on an AVX-512 / AMX
+# machine this checks that no bound depends on the CPU's vector kernels (developers' CPUs differ).
+ISA_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-isa: venv
+	$(ISA_ENV) $(BIN)/python -c "import torch; print('torch CPU capability:', torch.backends.cpu.get_cpu_capability())"
+	$(ISA_ENV) $(call run_pytest,-m "not integration" tests)
+
+# The suite against the newest versions pyproject.toml allows (only torch stays at the lock's CPU wheel):
+# run it before refreshing the lock or when a dependency releases. Not part of CI.
+LATEST := .venv-latest
+test-latest: sysdeps
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_PIN)" > $(LATEST)/torch-pin.txt
+	PIP_CONSTRAINT=$(CURDIR)/$(LATEST)/torch-pin.txt $(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[all,test]"
+	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|peft|bitsandbytes|deepspeed) '
+	$(LATEST)/bin/python -m pytest tests $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+# Rewrite the lock from a scratch venv with the newest allowed versions (torch kept at its pin).
+lock:
+	rm -rf .venv-lock && $(PY) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	echo "$(TORCH_PIN)" > .venv-lock/torch-pin.txt
+	PIP_CONSTRAINT=$(CURDIR)/.venv-lock/torch-pin.txt .venv-lock/bin/python -m pip install -q ".[all,test]"
+	{ sed -n '/^#/p' $(CONSTRAINTS); echo "$(TORCH_PIN)"; \
+	  .venv-lock/bin/python -m pip freeze --exclude trellis-train | grep -v '^torch=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .venv-lock
+	@echo "wrote $(CONSTRAINTS); now run make test and make test-isa"
 
 bench: venv
 	$(BIN)/python bench/ddp_overhead.py

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from trellis.errors import ConfigError
+from trellis.parallel.hf_compat import cache_kwarg
 
 from .distributed import sum_grad_over
 
@@ -134,11 +135,12 @@ def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
     enc.trellis_kv_shape = (pc.num_virtual_tokens, pc.num_layers * 2, heads, pc.token_dim // heads)
     enc.trellis_tp_mesh = None  # set by parallelize() when tensor parallel is on
     stack = model.get_submodule(spec.layers.rsplit(".", 1)[0])
+    cache_arg = cache_kwarg(stack)  # `cache` from transformers 5.24, `past_key_values` before
 
     def add_prefix_cache(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
-        kwargs["past_key_values"] = kv_prefix(model, ref.shape[0], ref.device)
+        kwargs[cache_arg] = kv_prefix(model, ref.shape[0], ref.device)
         return args, kwargs
 
     stack.register_forward_pre_hook(add_prefix_cache, with_kwargs=True)

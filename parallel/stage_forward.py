@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .hf_compat import cache_kwarg
 from .models.base import FamilySpec
 
 
@@ -58,8 +59,8 @@ def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: t
     b, s = h.shape[:2]
     pos = _positions(h, n)
     kwargs: dict = {}
-    if n:
-        kwargs[spec.cache_kwarg] = stage.kv_prefix(stage, b, h.device)
+    if n and blocks:
+        kwargs[cache_kwarg(blocks[0])] = stage.kv_prefix(stage, b, h.device)
     if spec.rotary_emb:
         kwargs["position_embeddings"] = stage.get_submodule(spec.rotary_emb)(h, pos)
         kwargs["position_ids"] = pos

@@ -6,6 +6,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Numerics must not depend on the machine's core count: in-process tests run with a fixed thread count (spawned
+# ranks set their own, tests/distributed/harness.py), whatever the CPU.
+TEST_THREADS = 2
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,6 @@ class FamilySpec:
     embed_norm: str | None = None           # BLOOM word_embeddings_layernorm
     rotary_emb: str | None = None           # model-level rotary module (Llama, NeoX)
     attention: str = "self_attn"            # attention submodule inside a block (selective checkpointing)
-    cache_kwarg: str = "past_key_values"    # a block's key/value cache argument (PEFT prefix tuning under pp)
     # Tensor-parallel styles for modules inside a decoder block:
     #   "colwise"  - out-features sharded (Linear weight Shard(0))
     #   "rowwise"  - in-features sharded, output all-reduced

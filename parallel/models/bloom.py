@@ -10,7 +10,6 @@ SPEC = FamilySpec(
     embed_tokens="transformer.word_embeddings",
     embed_norm="transformer.word_embeddings_layernorm",
     final_norm="transformer.ln_f",
-    cache_kwarg="layer_past",
     attention="self_attention",
     tp_plan={
         "self_attention.query_key_value": "colwise_qkv_headmajor",

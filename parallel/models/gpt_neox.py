@@ -10,7 +10,6 @@ SPEC = FamilySpec(
     embed_tokens="gpt_neox.embed_in",
     final_norm="gpt_neox.final_layer_norm",
     rotary_emb="gpt_neox.rotary_emb",
-    cache_kwarg="layer_past",
     attention="attention",
     tp_plan={
         "attention.query_key_value": "colwise_qkv_headmajor",

@@ -66,6 +66,10 @@ def reference_model(cfg, targets, tmp: Path | None = None):
                                  bnb_4bit_quant_type="nf4" if pe.quantize_base == "auto" else pe.quantize_base,
                                  bnb_4bit_compute_dtype=torch.bfloat16 if pe.compute_dtype == "bf16" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(str(tmp), quantization_config=bnb, dtype=torch.float32)
+    # Train mode, as any training loop sets it (from_pretrained returns eval mode): in eval mode bitsandbytes
+    # repacks frozen-input 4-bit linears into its bf16 CPU inference kernel on AVX512-BF16 CPUs, a different
+    # kernel than the engine's training path (measured: |Δloss| 2.6e-3 instead of <= 1e-6 over 8 steps).
+    model.train()
     torch.manual_seed(adapter_seed(cfg))
     return get_peft_model(model, peft_config(cfg, targets)), model_dir
 
@@ -108,10 +112,13 @@ def reference_loop(cfg, model, model_dir):
     return sampler, params, opt
 
 
-def reference_run(cfg, targets, steps: int, tmp: Path | None = None):
-    """(losses, peft model after `steps` steps, probe logits, probe logits with the adapters disabled)."""
+def reference_run(cfg, targets, steps: int, tmp: Path | None = None, dtype: torch.dtype = torch.float32):
+    """(losses, peft model after `steps` steps, probe logits, probe logits with the adapters disabled).
+    dtype=torch.float64 runs the same reference in double precision: its distance from the fp32 run is the
+    size of fp32 round-off on this trajectory, the error model the bounds of the tp tests derive from."""
     t = cfg.train
     model, model_dir = reference_model(cfg, targets, tmp)
+    model.to(dtype)
     sampler, params, opt = reference_loop(cfg, model, model_dir)
     losses = []
     n_virtual = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prompt", "ptuning") else 0

@@ -60,9 +60,16 @@ def test_gpt2_lora_equals_peft_reference(runs, name):
           f"{ref_logits.abs().max().item():.1f} "
           f"(the adapters moved the reference's logits by {moved:.2e})")
     assert len(losses) == 3 and dl <= 1e-5
-    # tp2 reorders fp32 sums: probe logits differ by 3.7e-6 after ONE step already (tiny-llama tp2: 2.0e-6), and
-    # by 6.8e-6 after 3 (logits up to 0.84); the loss, a mean, agrees to 4.8e-7
-    assert d <= 2e-5
+    # Error model: tp2 only reorders fp32 sums, so the engine may differ from the fp32 reference by about as much
+    # as fp32 round-off moves the reference itself: the same reference in float64 measures that (Adam's
+    # normalised first steps amplify it, for both). Bound: 4x that distance (two fp32 runs, each about that far
+    # from the exact trajectory, plus margin), floored at 1e-6 (a few ulps of the ~1.0 logits).
+    # Measured: engine 6.8e-6 on an AVX-512 CPU, 2.2e-5 on an AVX-512/AMX one (a fixed bound of 2e-5 failed there).
+    _, _, ref64_logits, _ = reference_run(cfg, cfg.peft.target_modules or DEFAULT, cfg.train.steps,
+                                          dtype=torch.float64)
+    fp32_effect = (ref_logits.double() - ref64_logits).abs().max().item()
+    print(f"{name}: fp32 reference vs float64 reference: probe logits |Δ| {fp32_effect:.2e}")
+    assert d <= max(4 * fp32_effect, 1e-6)
     assert moved > 1e-3
     assert all(r["frozen_with_grad"] == [] and r["non_adapter_in_opt"] == 0 for r in runs["out"][name])
 
