@@ -32,9 +32,9 @@ def raw_rank(a, out: str) -> None:
     import torch.nn.functional as F
 
     from trellis import configs
-    from trellis.engine import ds_ops
+    from trellis.engine.backends import ds_ops
     from trellis.engine.data import GlobalBatchSampler, build_dataset
-    from trellis.engine.deepspeed_backend import build_ds_config
+    from trellis.engine.backends.deepspeed import build_ds_config
     from trellis.engine.model import build_model
     from trellis.engine.tokenizer import find_tokenizer, load_tokenizer
 

@@ -82,24 +82,3 @@ def shutdown(clean: bool = True) -> None:
             except RuntimeError:
                 pass
         dist.destroy_process_group()
-
-
-class _SumGradOver(torch.autograd.Function):
-    """Identity forward; backward all-reduces (sums) the gradient over `group`."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.contiguous()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
-def sum_grad_over(x: torch.Tensor, group) -> torch.Tensor:
-    """x unchanged; its gradient is summed over `group` (Megatron's 'f' operator in front of a column-parallel
-    layer: every rank of the group computed only its part of the input's gradient)."""
-    return _SumGradOver.apply(x, group)

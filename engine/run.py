@@ -21,7 +21,7 @@ def run_training(cfg, argv: list[str]) -> int:
 
     if cfg.zero.backend == "deepspeed":
         # Refuse what DeepSpeed cannot do on this machine before any rank starts (e.g. fp16 on a CPU).
-        from .deepspeed_backend import check_precision_supported
+        from .backends.deepspeed import check_precision_supported
 
         check_precision_supported(cfg)
 

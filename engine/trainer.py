@@ -83,22 +83,22 @@ class Trainer:
                                           grad_accum=cfg.train.grad_accum, dp_rank=coord["dp"], dp_size=self.dims.dp)
         inject = None
         if cfg.peft.method != "none":
-            from .peft_inject import make_injector
+            from .peft.inject import make_injector
 
             inject = make_injector(cfg)
         if cfg.zero.backend == "deepspeed":
-            from .deepspeed_backend import DeepSpeedBackend
+            from .backends.deepspeed import DeepSpeedBackend
 
             self.backend = DeepSpeedBackend(cfg, self.ctx, self.dims, model, inject_peft=inject)
         else:
-            from .native_backend import NativeBackend
+            from .backends.native import NativeBackend
 
             self.backend = NativeBackend(cfg, self.ctx, self.dims, model, inject_peft=inject)
         # Distinct data-independent randomness per rank (dropout), reproducible from the seed.
         torch.manual_seed(cfg.train.seed + 1000 + self.ctx.rank)
         self.checkpointer = None
         if cfg.checkpoint.dir:
-            from .checkpoint import Checkpointer
+            from .checkpoint.checkpointer import Checkpointer
 
             self.checkpointer = Checkpointer(cfg, self)
 

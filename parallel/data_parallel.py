@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from .models.base import FamilySpec
+from .quant4bit import is_quantized_param
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -116,8 +117,6 @@ def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], dp_mesh, *
     # A QLoRA base's packed 4-bit weights (bitsandbytes Params4bit: uint8 data + quant_state) cannot be
     # split row-wise by FSDP2, are frozen and are already 1/8 of fp32: they stay whole on every dp rank;
     # the adapters (and the rest of the model) are sharded as usual.
-    from trellis.engine.quantize import is_quantized_param
-
     packed = {p for p in model.parameters() if is_quantized_param(p)} or None
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload,

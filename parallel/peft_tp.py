@@ -12,7 +12,7 @@
   replicated under rowwise; input scaling (feed-forward modules, (1, in)) is replicated under colwise
   and sharded under rowwise.
 - QLoRA (peft.quantize_base under tp > 1): the base layer is replaced by this rank's 4-bit shard
-  (engine/quantize.py).
+  (parallel/quant4bit.py).
 Sharded vectors are DTensors (optimizer, grad norm and checkpoints see their true layout); peft's
 forward would mix them with the local activations, so those layers get a forward that uses the local
 shard. Replicated ones stay plain tensors: their gradients are identical on every tp rank because every
@@ -31,9 +31,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from trellis.errors import ConfigError
-
-
 from .data_parallel import local as _local
+from .quant4bit import QUANT_ATTR, TPLinear4bit, dequantized_weight
 
 
 def _kind_of(mod: nn.Module) -> str:
@@ -57,8 +56,6 @@ def _shard_param(module: nn.Module, name: str, mesh, dim: int) -> None:
 
 def _dora_forward(self, x, *, lora_A, lora_B, scaling, base_layer, base_result=None, adapter_name="default"):
     with torch.no_grad():
-        from trellis.engine.quantize import dequantized_weight
-
         w = dequantized_weight(base_layer) if not isinstance(base_layer.weight, DTensor) else _local(base_layer.weight)
         w = w.to(x.dtype) + scaling * (_local(lora_B.weight) @ _local(lora_A.weight)).to(x.dtype)
         sq = (w.float() ** 2).sum(dim=1)
@@ -131,8 +128,6 @@ class _QuantizedBase(ParallelStyle):
         self.kind, self.q = kind, q
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        from trellis.engine.quantize import TPLinear4bit
-
         module.base_layer = TPLinear4bit(module.base_layer, self.kind, device_mesh, self.q)
         return module
 
@@ -141,8 +136,6 @@ class _QuantizedBase(ParallelStyle):
 
 def adapter_plan(block: nn.Module, path: str, base_style, kind: str) -> dict:
     """The plan entries for module `path` inside `block`: itself, or its base layer and adapters."""
-    from trellis.engine.quantize import QUANT_ATTR
-
     mod = block.get_submodule(path)
     if not hasattr(mod, "base_layer"):
         if getattr(mod, QUANT_ATTR, None) is not None:

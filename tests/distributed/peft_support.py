@@ -49,7 +49,7 @@ def reference_model(cfg, targets, tmp: Path | None = None):
     from peft import get_peft_model
 
     from trellis.engine.model import build_model
-    from trellis.engine.peft_inject import adapter_seed
+    from trellis.engine.peft.inject import adapter_seed
     from trellis.parallel.hf_surgery import prepare_model
     from trellis.parallel.models import family_for
 
@@ -254,7 +254,7 @@ _saved = {}
 
 def _reverse_injection_order() -> None:
     """Make the engine inject adapters AFTER tensor parallel: what the order test must catch."""
-    from trellis.engine import native_backend
+    from trellis.engine.backends import native as native_backend
     from trellis.parallel import parallelize as P
 
     orig = P.parallelize
@@ -269,6 +269,6 @@ def _reverse_injection_order() -> None:
 
 
 def _restore_injection_order() -> None:
-    from trellis.engine import native_backend
+    from trellis.engine.backends import native as native_backend
 
     native_backend.parallelize = _saved.pop("fn")

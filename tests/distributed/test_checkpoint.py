@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trellis.engine import checkpoint_io as io
-from trellis.engine.checkpoint_convert import full_model_state
+from trellis.engine.checkpoint.checkpointer import io
+from trellis.engine.checkpoint.convert import full_model_state
 
 pytestmark = pytest.mark.distributed
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trellis.engine import checkpoint_io as io
+from trellis.engine.checkpoint.checkpointer import io
 
 pytestmark = pytest.mark.distributed
 
@@ -34,7 +34,7 @@ def _losses(p: Path) -> dict[int, float]:
 
 
 def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
-    from trellis.engine.deepspeed_backend import DeepSpeedBackend
+    from trellis.engine.backends.deepspeed import DeepSpeedBackend
 
     return DeepSpeedBackend.consolidate_fp32(str(step_dir / "state"))
 

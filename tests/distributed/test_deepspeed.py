@@ -169,7 +169,7 @@ def test_consolidated_fp32_and_universal_resume_at_dp1(dp2_runs):
     import torch
 
     from trellis import configs
-    from trellis.engine.deepspeed_backend import DeepSpeedBackend
+    from trellis.engine.backends.deepspeed import DeepSpeedBackend
     from trellis.engine.model import build_model
 
     sd = DeepSpeedBackend.consolidate_fp32(str(dp2_runs["ckpt"] / "step-3" / "state"))
@@ -217,9 +217,9 @@ def expected_swap_bytes(model_dir: Path, dp: int) -> dict:
 
 @pytest.mark.integration
 def test_cpu_and_nvme_offload_equal_no_offload(tmp_path):
-    """Needs the cpu_adam and async_io ops (python -m trellis.engine.ds_ops build) and libaio-dev. The NVMe
+    """Needs the cpu_adam and async_io ops (python -m trellis.engine.backends.ds_ops build) and libaio-dev. The NVMe
     pair runs a widened tiny-llama (see SWAP_MIN_BYTES): on tiny-llama itself DeepSpeed swaps nothing."""
-    from trellis.engine import ds_ops
+    from trellis.engine.backends import ds_ops
 
     os.environ["TORCH_EXTENSIONS_DIR"] = str(ds_ops.use_project_extensions_dir())
 
@@ -258,7 +258,7 @@ def test_cli_refuses_deepspeed_fp16_on_a_cpu_without_fp16(tmp_path):
     import subprocess
     import sys
 
-    from trellis.engine.deepspeed_backend import fp16_supported
+    from trellis.engine.backends.deepspeed import fp16_supported
 
     if fp16_supported("cpu"):
         pytest.skip("this CPU supports fp16 in DeepSpeed")
@@ -279,7 +279,7 @@ def _force_fp16_support() -> None:
     forced: DeepSpeed's real fp16 path runs."""
     from deepspeed.accelerator import get_accelerator
 
-    from trellis.engine import deepspeed_backend
+    from trellis.engine.backends import deepspeed as deepspeed_backend
 
     if deepspeed_backend.fp16_supported("cpu"):
         return
@@ -326,7 +326,7 @@ def test_deepspeed_fp16_loss_scaling_on_cpu(tmp_path):
     `loss_scale_window` clean steps, hysteresis), on 2 gloo ranks. Capability branch: on a CPU whose oneDNN has
     fp16 (AVX512-FP16 / AMX-FP16) this is DeepSpeed's real CPU fp16 path, which the CLI then accepts; on any
     other CPU DeepSpeed's support check is forced (the logic is the same, the CLI refuses: test above)."""
-    from trellis.engine.deepspeed_backend import fp16_supported
+    from trellis.engine.backends.deepspeed import fp16_supported
 
     print("DeepSpeed fp16 on this CPU:", "supported (real path)" if fp16_supported("cpu") else "forced")
     base = {**BASE, "parallel.dp": 2, "zero.backend": "deepspeed", "zero.stage": 2, "precision.dtype": "fp16",

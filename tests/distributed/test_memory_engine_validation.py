@@ -60,7 +60,7 @@ def meter_activations(trainer, rank) -> None:
     """Scenario hook: meter what autograd saves during the module's forward; report it in memory_report()."""
     import functools
 
-    from trellis.engine.memory_measure import SavedTensorMeter
+    from tests.support.memory_measure import SavedTensorMeter
 
     backend = trainer.backend
     module = backend.module
@@ -87,7 +87,7 @@ def meter_activations(trainer, rank) -> None:
 
 
 def _setup(dp: int, ov: dict):
-    from trellis.engine.memory import TrainingSetup
+    from trellis.engine.memory.estimator import TrainingSetup
 
     peft = ov.get("peft.method", "none")
     quant = dict(peft="lora", quant="nf4", double_quant=True) if peft == "qlora" else dict(peft=peft)
@@ -111,8 +111,8 @@ def _rel(est: float, meas: float) -> float:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", list(CASES))
 def test_model_states_match_engine(runs, name):
-    from trellis.engine.memory import estimate
-    from trellis.engine.memory_models import resolve_model
+    from trellis.engine.memory.estimator import estimate
+    from trellis.engine.memory.models import resolve_model
 
     dp, by_name = runs
     ov = CASES[name]
@@ -143,8 +143,8 @@ def ds_runs():
 @pytest.mark.parametrize("key", ["params", "grads", "optimizer_states", "master_weights"])
 @pytest.mark.parametrize("name", list(DS_CASES))
 def test_deepspeed_model_states_match_engine(ds_runs, name, key):
-    from trellis.engine.memory import estimate
-    from trellis.engine.memory_models import resolve_model
+    from trellis.engine.memory.estimator import estimate
+    from trellis.engine.memory.models import resolve_model
 
     est = estimate(resolve_model("tiny-llama"), _setup(2, DS_CASES[name])).ranks[0]
     e = getattr(est, key)
@@ -158,16 +158,16 @@ def _kept_activations(setup) -> float:
     """The estimate's activations without the recompute peak of checkpointing: what the meter can see
     (saved tensors and checkpoint inputs during forward; the recomputation runs inside backward). The
     recompute term is one block's activations without checkpointing, checked by the no-checkpoint cases."""
-    from trellis.engine.memory import estimate
-    from trellis.engine.memory_models import resolve_model
+    from trellis.engine.memory.estimator import estimate
+    from trellis.engine.memory.models import resolve_model
 
     est = estimate(resolve_model("tiny-llama"), setup).ranks[0]
     return est.activations - est.activations_recompute
 
 
 def _check_activations(label: str, setup, mem: dict) -> list[str]:
-    from trellis.engine.memory import estimate
-    from trellis.engine.memory_models import resolve_model
+    from trellis.engine.memory.estimator import estimate
+    from trellis.engine.memory.models import resolve_model
 
     e, m = _kept_activations(setup), mem["activations"]
     print(f"{label} activations est {e:.0f} meas {m} ({_rel(e, m):+.2%}) | autocast weight copies meas "
@@ -184,7 +184,7 @@ def _check_activations(label: str, setup, mem: dict) -> list[str]:
 
 
 def est_vocab() -> int:
-    from trellis.engine.memory_models import resolve_model
+    from trellis.engine.memory.models import resolve_model
 
     return resolve_model("tiny-llama").vocab
 

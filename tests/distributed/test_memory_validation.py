@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import run_ranks
-from trellis.engine.memory import TrainingSetup, estimate
-from trellis.engine.memory_models import resolve_model
+from trellis.engine.memory.estimator import TrainingSetup, estimate
+from trellis.engine.memory.models import resolve_model
 
 MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
 BATCH, SEQ = 2, 32
@@ -53,7 +53,7 @@ def _step(model, optimizer, meter=None, sync=None) -> None:
 
 
 def measure(model, optimizer, *, activations: bool, sync=None) -> dict:
-    from trellis.engine.memory_measure import SavedTensorMeter, measure_model_states
+    from tests.support.memory_measure import SavedTensorMeter, measure_model_states
 
     meter = SavedTensorMeter.for_model(model) if activations else None
     _step(model, optimizer, meter, sync)

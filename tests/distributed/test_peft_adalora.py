@@ -83,7 +83,7 @@ def reference(cfg) -> dict:
     import torch.nn.functional as F
 
     from trellis.engine.model import build_model
-    from trellis.engine.peft_inject import adapter_seed
+    from trellis.engine.peft.inject import adapter_seed
 
     t = cfg.train
     model, model_dir = build_model(cfg.model, seed=t.seed)
@@ -221,7 +221,7 @@ def test_export_keeps_the_final_rank_pattern(runs, tmp_path):
     from safetensors.torch import load_file
 
     from trellis.engine.model import build_model
-    from trellis.engine.peft_export import export_adapter
+    from trellis.engine.peft.export import export_adapter
 
     out, _ = runs
     r0 = out["dp2-z1"][0]

@@ -118,8 +118,8 @@ def test_lora_deepspeed_zero_1_2_3_adapters_only(tmp_path, reference):
 
 @pytest.mark.integration
 def test_lora_deepspeed_zero3_cpu_offload_adapters_only(tmp_path, reference):
-    """Needs the cpu_adam op (python -m trellis.engine.ds_ops build): DeepSpeedCPUAdam on the adapters."""
-    from trellis.engine import ds_ops
+    """Needs the cpu_adam op (python -m trellis.engine.backends.ds_ops build): DeepSpeedCPUAdam on the adapters."""
+    from trellis.engine.backends import ds_ops
 
     os.environ["TORCH_EXTENSIONS_DIR"] = str(ds_ops.use_project_extensions_dir())
     cases = {"native": _ov(tmp_path, "native"),

@@ -228,7 +228,7 @@ def test_export_adapter_round_trip(runs, name, tmp_path):
     from peft import PeftModel
 
     from trellis.engine.model import build_model
-    from trellis.engine.peft_export import export_adapter
+    from trellis.engine.peft.export import export_adapter
 
     r0 = runs["out"][name][0]
     assert r0["checkpoint"], "the run wrote no final checkpoint"
@@ -259,7 +259,7 @@ def test_export_adapter_round_trip(runs, name, tmp_path):
 def test_export_merged_round_trip(runs, name, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from trellis.engine.peft_export import export_merged
+    from trellis.engine.peft.export import export_merged
 
     r0 = runs["out"][name][0]
     out = export_merged(r0["checkpoint"], tmp_path / "merged")

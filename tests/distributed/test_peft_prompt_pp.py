@@ -175,7 +175,7 @@ def test_export_adapter_round_trip(runs, name, tmp_path):
     from peft import PeftModel
 
     from trellis.engine.model import build_model
-    from trellis.engine.peft_export import export_adapter
+    from trellis.engine.peft.export import export_adapter
 
     r0 = runs["out"][name][0]
     assert r0["checkpoint"], "the run wrote no final checkpoint"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 from transformers import LlamaConfig
 
-from trellis.engine import checkpoint_io as io
-from trellis.engine.checkpoint import check_compatible, model_signature
+from trellis.engine.checkpoint.checkpointer import io
+from trellis.engine.checkpoint.checkpointer import check_compatible, model_signature
 from trellis.errors import CheckpointError
 
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from trellis import configs
-from trellis.engine import deepspeed_backend as dsb
-from trellis.engine import ds_ops
+from trellis.engine.backends import deepspeed as dsb
+from trellis.engine.backends import ds_ops
 from trellis.errors import ConfigError
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trellis.engine.memory import KEYS, TrainingSetup, estimate
-from trellis.engine.memory_models import dims_from_hf_config, dims_from_params, resolve_model, total_params
+from trellis.engine.memory.estimator import KEYS, TrainingSetup, estimate
+from trellis.engine.memory.models import dims_from_hf_config, dims_from_params, resolve_model, total_params
 from trellis.errors import ConfigError
 
 MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
@@ -145,7 +145,7 @@ def test_full_checkpointing_keeps_block_inputs():
     """Full recompute keeps only the block input per layer: 2sbh bytes in 16-bit (s=4096, b=1, h=4096),
     so one more layer adds exactly that; one block's full activations are recomputed on top (independent
     of depth). Selective keeps more than full and less than none."""
-    from trellis.engine.memory_models import with_overrides
+    from trellis.engine.memory.models import with_overrides
 
     d = resolve_model("llama-2-7b")
     setup = TrainingSetup(activation_checkpointing="full", seq_len=4096, micro_batch=1)
@@ -165,7 +165,7 @@ def test_mixed_precision_regimes_llama_layer_hand_derived():
       fp32 output is not kept, but each consuming linear keeps its own 16-bit cast: 3 (q, k, v) + 2 (gate, up).
     - cast (module in 16-bit): each RMSNorm keeps an fp32 copy of its input (4096·4 B), rsqrt (4 B), the
       16-bit normalised value and output (2·4096·2 B), shared by the consumers."""
-    from trellis.engine.memory_activations import per_layer_bytes
+    from trellis.engine.memory.activations import per_layer_bytes
 
     d = resolve_model("llama-2-7b")
     h, f = 4096, 11008

@@ -26,7 +26,7 @@ def _model(cfg):
                                         ("qlora", "LoraConfig"), ("ia3", "IA3Config"), ("adalora", "AdaLoraConfig"),
                                         ("lokr", "LoKrConfig"), ("loha", "LoHaConfig"), ("hra", "HRAConfig")])
 def test_peft_config_per_method(method, cls):
-    from trellis.engine.peft_inject import build_peft_config
+    from trellis.engine.peft.inject import build_peft_config
 
     pc = build_peft_config(_cfg(**{"peft.method": method}), SPEC, 10)
     assert type(pc).__name__ == cls
@@ -37,7 +37,7 @@ def test_peft_config_per_method(method, cls):
 
 @pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
 def test_per_layer_prefixes_under_interleaved_1f1b_are_a_clear_config_error(method):
-    from trellis.engine.peft_inject import make_injector
+    from trellis.engine.peft.inject import make_injector
 
     cfg = _cfg(**{"peft.method": method, "parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"})
     with pytest.raises(ConfigError, match=f"peft.method='{method}' with parallel.pp_schedule='interleaved_1f1b'.*"
@@ -56,7 +56,7 @@ def test_prefix_pipeline_stages_compose_to_the_whole_model(family, method):
     from trellis.parallel.hf_surgery import prepare_model
     from trellis.parallel.pipeline import build_stage_module, split_layers
 
-    from trellis.engine.peft_inject import make_injector
+    from trellis.engine.peft.inject import make_injector
 
     cfg = _cfg(**{"model.path": f"tiny-{family}", "peft.method": method, "peft.num_virtual_tokens": 4})
     full = _model(cfg)
@@ -84,7 +84,7 @@ def test_prefix_pipeline_stages_compose_to_the_whole_model(family, method):
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
 def test_virtual_tokens_under_pipeline_parallel_pass_the_layout_check(method):
-    from trellis.engine.peft_prompt import check_layout
+    from trellis.engine.peft.prompt import check_layout
 
     check_layout(_cfg(**{"peft.method": method, "parallel.pp": 2}))  # proven on real ranks (test_peft_prompt_pp)
     with pytest.raises(ConfigError, match="sequence_parallel"):
@@ -98,8 +98,8 @@ def _prompt_pair(family: str, method: str):
     """(our model with the prompt module attached in place, peft's wrapper of the same base), same seed."""
     from peft import get_peft_model
 
-    from trellis.engine.peft_inject import adapter_seed, make_injector
-    from trellis.engine.peft_prompt import prompt_config
+    from trellis.engine.peft.inject import adapter_seed, make_injector
+    from trellis.engine.peft.prompt import prompt_config
     from trellis.parallel.hf_surgery import prepare_model
 
     cfg = _cfg(**{"model.path": f"tiny-{family}", "peft.method": method, "peft.num_virtual_tokens": 4})
@@ -159,7 +159,7 @@ def test_in_place_prompt_learning_equals_peft_wrapper(family, method):
 
 
 def test_only_adapters_trainable_and_init_independent_of_prior_rng():
-    from trellis.engine.peft_inject import make_injector
+    from trellis.engine.peft.inject import make_injector
 
     cfg = _cfg(**{"peft.method": "dora", "peft.r": 4})
     states = []
@@ -176,7 +176,7 @@ def test_only_adapters_trainable_and_init_independent_of_prior_rng():
 
 
 def test_unmatched_targets_are_a_config_error():
-    from trellis.engine.peft_inject import make_injector
+    from trellis.engine.peft.inject import make_injector
 
     cfg = _cfg(**{"peft.method": "lora", "peft.target_modules": ["no_such_proj"]})
     with pytest.raises(Exception, match="no_such_proj"):
@@ -184,8 +184,8 @@ def test_unmatched_targets_are_a_config_error():
 
 
 def test_qlora_quantizes_block_linears_only():
-    from trellis.engine.peft_inject import make_injector
-    from trellis.engine.quantize import dequantized_weight
+    from trellis.engine.peft.inject import make_injector
+    from trellis.parallel.quant4bit import dequantized_weight
 
     cfg = _cfg(**{"peft.method": "qlora", "peft.r": 4})
     model = _model(cfg)
@@ -207,7 +207,7 @@ def test_qlora_with_fsdp_stage_quantizes_the_base():
     """ZeRO-3 no longer refuses a 4-bit base (FSDP2 leaves the packed weights whole, see
     parallel/data_parallel.apply_fsdp; numerics in tests/distributed/test_peft_layouts.py dp2-qlora-z3):
     the injector quantizes every block linear and only adapters train."""
-    from trellis.engine.peft_inject import make_injector
+    from trellis.engine.peft.inject import make_injector
 
     cfg = _cfg(**{"peft.method": "qlora", "zero.stage": 3})
     model = _model(cfg)
@@ -233,8 +233,8 @@ def test_gpt2_unfused_lora_refuses_into_peft_format_exactly(method, targets):
     model on the HF GPT-2 with those tensors gives our logits. Non-trivial adapters: B drawn at random."""
     from peft import get_peft_model
 
-    from trellis.engine.peft_export import _fuse_gpt2_qkv
-    from trellis.engine.peft_inject import build_peft_config, make_injector
+    from trellis.engine.peft.export import _fuse_gpt2_qkv
+    from trellis.engine.peft.inject import build_peft_config, make_injector
     from trellis.parallel.hf_surgery import prepare_model
 
     cfg = _cfg(**{"model.path": "tiny-gpt2", "peft.method": method, "peft.r": 4, "peft.alpha": 8.0,

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args) -> int:
-    from trellis.engine import checkpoint_io as io
+    from trellis.engine.checkpoint.checkpointer import io
     from trellis.engine.metrics import fmt_bytes
 
     root = Path(args.dir)
@@ -45,7 +45,7 @@ def _list(args) -> int:
 
 
 def _inspect(args) -> int:
-    from trellis.engine import checkpoint_io as io
+    from trellis.engine.checkpoint.checkpointer import io
     from trellis.engine.metrics import fmt_bytes
 
     path = Path(args.path)
@@ -72,7 +72,7 @@ def _inspect(args) -> int:
 
 
 def _convert(args) -> int:
-    from trellis.engine.checkpoint_convert import to_fp32_safetensors, to_hf
+    from trellis.engine.checkpoint.convert import to_fp32_safetensors, to_hf
 
     out = Path(args.out)
     written = to_fp32_safetensors(Path(args.path), out) if args.to == "fp32" else to_hf(Path(args.path), out)

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args) -> int:
-    from trellis.engine.peft_export import export_adapter, export_merged
+    from trellis.engine.peft.export import export_adapter, export_merged
 
     fn = export_adapter if args.kind == "adapter" else export_merged
     out = fn(Path(args.checkpoint), Path(args.out_dir))

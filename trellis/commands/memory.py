@@ -113,8 +113,8 @@ def _from_config(path: str) -> dict:
 
 def build(args) -> tuple:
     """(ModelDims, TrainingSetup) from flags, a config file, or both (explicit flags win)."""
-    from trellis.engine.memory import TrainingSetup
-    from trellis.engine.memory_models import dims_from_params, resolve_model, with_overrides
+    from trellis.engine.memory.estimator import TrainingSetup
+    from trellis.engine.memory.models import dims_from_params, resolve_model, with_overrides
 
     base = _from_config(args.config) if args.config else {}
     model = args.model or base.pop("model", None)
@@ -147,12 +147,12 @@ def build(args) -> tuple:
 
 
 def _estimate(args) -> int:
-    from trellis.engine.memory import estimate
+    from trellis.engine.memory.estimator import estimate
 
     d, s = build(args)
     est = estimate(d, s)
     if args.plot:
-        from trellis.engine.memory_plot import plot_ranks
+        from trellis.engine.memory.plot import plot_ranks
 
         plot_ranks([(r.label, r) for r in est.ranks], args.plot, title=f"{d.name}: per-rank memory",
                    gpu_mem=s.gpu_mem)
@@ -169,7 +169,7 @@ ROWS = (("params", "params"), ("grads", "grads"), ("optimizer_states", "optimize
 
 
 def render(est, explain: bool = False) -> str:
-    from trellis.engine.memory_models import total_params
+    from trellis.engine.memory.models import total_params
 
     d, s = est.dims, est.setup
     lines = [f"model {d.name} ({d.family}, {total_params(d) / 1e9:.3f}B params) | dp={s.dp} tp={s.tp} pp={s.pp} "
@@ -209,14 +209,14 @@ def render(est, explain: bool = False) -> str:
 
 
 def _plan(args) -> int:
-    from trellis.engine.planner import plan, render_plan
+    from trellis.engine.memory.planner import plan, render_plan
 
     d, s = build(args)
     if not s.gpu_mem:
         raise ConfigError("plan needs --gpu-mem, e.g. --gpu-mem 80GB")
     result = plan(d, s, gpus=args.gpus, global_batch=args.global_batch)
     if args.plot and result.feasible:
-        from trellis.engine.memory_plot import plot_ranks
+        from trellis.engine.memory.plot import plot_ranks
 
         plot_ranks([(c.name, c.estimate.worst_rank) for c in result.feasible[: args.top]], args.plot,
                    title=f"{d.name} on {args.gpus} GPUs: worst rank per layout", gpu_mem=s.gpu_mem)

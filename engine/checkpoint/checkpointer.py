@@ -20,8 +20,8 @@ import torch.distributed as dist
 from trellis import __version__
 from trellis.errors import CheckpointError
 
-from . import checkpoint_io as io
-from .distributed import broadcast_object as _broadcast
+from . import io
+from ..distributed import broadcast_object as _broadcast
 
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.toml"
@@ -169,7 +169,7 @@ class Checkpointer:
 
 
 def model_signature(hf_config) -> dict:
-    from .model import model_dims
+    from ..model import model_dims
 
     return {"model_type": hf_config.model_type, **model_dims(hf_config)}
 

@@ -13,10 +13,10 @@ from trellis.parallel.grad_norm import clip_grads_, total_grad_norm
 from trellis.parallel.loss import causal_lm_loss_sum, loss_parallel_context
 from trellis.parallel.parallelize import ParallelModel, parallelize
 
-from .amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
-from .backend import StepResult, TrainingBackend
-from .data import IGNORE_INDEX, Batch, global_token_count
-from .optim import build_optimizer, set_lr
+from ..amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
+from .base import StepResult, TrainingBackend
+from ..data import IGNORE_INDEX, Batch, global_token_count
+from ..optim import build_optimizer, set_lr
 
 
 class NativeBackend(TrainingBackend):
@@ -49,7 +49,7 @@ class NativeBackend(TrainingBackend):
             self.optimizer = build_optimizer(self.named_trainable, cfg.train, allow_empty=allow_empty)
         self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.dp_group, dims.dp)
         self.scaler = DynamicLossScaler.from_config(cfg.precision)
-        from .peft_adalora import build as build_adalora
+        from ..peft.adalora import build as build_adalora
 
         self.adalora = build_adalora(cfg, self.pm.spec, self.module, dims.tp, dims.pp)  # None unless adalora
         coord = dims.coordinate()

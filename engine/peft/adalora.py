@@ -110,6 +110,6 @@ def build(cfg, spec, model: torch.nn.Module, tp: int, pp: int) -> AdaLora | None
     if cfg.peft.method != "adalora":
         return None
     check_layout(cfg, tp, pp)
-    from .peft_inject import build_peft_config
+    from .inject import build_peft_config
 
     return AdaLora(model, build_peft_config(cfg, spec, cfg.train.steps))

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field, replace
 
 from trellis.errors import ConfigError
 
-from .memory import MemoryEstimate, TrainingSetup, estimate
-from .memory_models import ModelDims, total_params
+from .estimator import MemoryEstimate, TrainingSetup, estimate
+from .models import ModelDims, total_params
 
 PEAK_FLOPS = 400e12  # sustained bf16 matmul throughput per GPU
 NVLINK_BW = 300e9  # bytes/s per GPU inside a node

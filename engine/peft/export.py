@@ -28,12 +28,12 @@ import torch
 
 from trellis.errors import CheckpointError, UserError
 
-from .peft_inject import PROMPT_LEARNING
+from .inject import PROMPT_LEARNING
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory, or a checkpoint root (its latest valid step)."""
-    from . import checkpoint_io as io
+    from ..checkpoint import io
 
     path = Path(path)
     if io.read_metadata(path) is not None:
@@ -57,7 +57,9 @@ def _run_config(path: Path, meta: dict):
 
 def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
     """Replace the decoder-block linears' weights by the dequantized 4-bit values training used."""
-    from .quantize import block_linears, dequantized_weight, linear_to_4bit, quant_spec
+    from trellis.parallel.quant4bit import block_linears, dequantized_weight, linear_to_4bit
+
+    from .quantize import quant_spec
 
     q = quant_spec(cfg)
     kinds = spec.tp_plan
@@ -118,10 +120,10 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
 
     from trellis.parallel.models import family_for
 
-    from . import checkpoint_io as io
-    from .checkpoint_convert import full_sections
-    from .model import build_model
-    from .peft_inject import PROMPT_LEARNING, build_peft_config
+    from ..checkpoint import io
+    from ..checkpoint.convert import full_sections
+    from ..model import build_model
+    from .inject import PROMPT_LEARNING, build_peft_config
     from .quantize import quant_spec
 
     meta = io.verify(path)
@@ -135,7 +137,7 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     if dequantized_base and quant_spec(cfg) is not None:
         _dequantize_like_training(base, spec, cfg, int(meta["layout"].get("tp", 1)))
     if prompt:
-        from .peft_prompt import PROMPT_MODULE, prompt_config
+        from .prompt import PROMPT_MODULE, prompt_config
 
         pc = prompt_config(cfg, base.config)
     else:

@@ -7,8 +7,8 @@ build. torch's FileBaton writes `<ext>/lock` during a build; a build killed midw
 the next build waits for it forever. We remove a lock whose builder is gone: no process of ours has it
 open and it is older than `stale_after_s`, or (always) older than `max_age_s`.
 
-    python -m trellis.engine.ds_ops build      # pre-build shm_comm, cpu_adam and async_io
-    python -m trellis.engine.ds_ops clean-locks
+    python -m trellis.engine.backends.ds_ops build      # pre-build shm_comm, cpu_adam and async_io
+    python -m trellis.engine.backends.ds_ops clean-locks
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ LOCK_NAME = "lock"
 def project_extensions_dir() -> Path:
     """`<repo>/.torch_extensions` (the package's parent directory in an editable checkout), else the
     user cache: a non-editable install has no repo to hold it."""
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # engine/backends/ds_ops.py -> the repository
     if (repo / "pyproject.toml").is_file():
         return repo / ".torch_extensions"
     return Path.home() / ".cache" / "trellis" / "torch_extensions"
@@ -104,7 +104,7 @@ def build(ops=OPS) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trellis.engine.ds_ops")
+    ap = argparse.ArgumentParser(prog="python -m trellis.engine.backends.ds_ops")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="pre-build DeepSpeed's shm_comm, cpu_adam and async_io ops into the project cache")
     b.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .memory_models import ModelDims
+from .models import ModelDims
 
 # elements saved by the MLP activation per MLP-width element (input and output, per implementation)
 _ACT_SAVES = {"gelu_new": 5, "gelu_fast": 5, "quick_gelu": 3, "gelu": 2, "gelu_pytorch_tanh": 2,

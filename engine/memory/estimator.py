@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 from trellis.errors import ConfigError
 
-from .memory_activations import model_level_bytes, per_layer_bytes, regime
-from .memory_models import Linear, ModelDims, layer_linears, param_counts
+from .activations import model_level_bytes, per_layer_bytes, regime
+from .models import Linear, ModelDims, layer_linears, param_counts
 
 KEYS = ("params", "grads", "optimizer_states", "master_weights", "activations", "logits", "buffers", "comm_buffers",
         "allocator", "total",
@@ -135,7 +135,7 @@ class MemoryEstimate:
         return None if not self.setup.host_mem else self.host_ram_per_node() <= self.setup.host_mem
 
     def as_dict(self) -> dict:
-        from .memory_models import total_params
+        from .models import total_params
 
         w = self.worst_rank
         return {

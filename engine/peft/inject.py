@@ -76,10 +76,12 @@ def make_injector(cfg):
         from peft import inject_adapter_in_model
         from peft.tuners.tuners_utils import cast_adapter_dtype
 
-        from .quantize import mark_for_tp_quantization, quant_spec, quantize_blocks
+        from trellis.parallel.quant4bit import mark_for_tp_quantization, quantize_blocks
+
+        from .quantize import quant_spec
 
         if cfg.peft.method in PROMPT_LEARNING:
-            from .peft_prompt import attach_prompt_learning
+            from .prompt import attach_prompt_learning
 
             if quant_spec(cfg) is not None:
                 raise ConfigError(f"peft.method={cfg.peft.method!r} with peft.quantize_base: use 'qlora' for a 4-bit base")

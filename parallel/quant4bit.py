@@ -1,15 +1,18 @@
-"""QLoRA base quantization: frozen decoder-block linears in 4-bit NF4/FP4 (bitsandbytes), optional double quant.
+"""4-bit linears for a QLoRA base (bitsandbytes NF4/FP4, optional double quant), imported lazily.
 
 Two placements, one numeric result per weight block:
 - tp == 1: every rank quantizes the full linear before PEFT injection (what HF's `BitsAndBytesConfig`
-  load does), so peft wraps a bnb `Linear4bit` with its own `lora.bnb.Linear4bit` layer.
+  load does), so peft wraps a bnb `Linear4bit` with its own `lora.bnb.Linear4bit` layer (`quantize_blocks`).
 - tp > 1: DTensor cannot shard a packed 4-bit tensor, so adapters are injected on the fp32 base and the
-  LoRA-aware TP plan (parallel/peft_tp.py) quantizes *this rank's shard* in place of the base layer:
-  each rank stores 1/tp of the 4-bit base. The Megatron f/g operators below give the shard the same
-  collectives ColwiseParallel / RowwiseParallel would (all-reduce the input grad / the partial output).
+  LoRA-aware TP plan (parallel/peft_tp.py) quantizes *this rank's shard* in place of the base layer
+  (`mark_for_tp_quantization`, then `TPLinear4bit`): each rank stores 1/tp of the 4-bit base. The Megatron
+  f/g operators (parallel/collectives.py) give the shard the same collectives ColwiseParallel /
+  RowwiseParallel would (all-reduce the input grad / the partial output).
 Quantization statistics are per block of 64 consecutive elements of a row, so a row shard (colwise)
 quantizes exactly like the full weight; a column shard (rowwise) differs only where blocks straddle the
 cut (none when in_features / tp is a multiple of 64).
+
+Which runs quantize, and how, is the engine's policy (engine/peft/quantize.py: `quant_spec(cfg)`).
 """
 
 from __future__ import annotations
@@ -17,12 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from trellis.errors import ConfigError
-
-from .distributed import sum_grad_over
+from .collectives import reduce_from, sum_grad_over
 
 QUANT_ATTR = "_trellis_quant"  # set on linears whose (local shard of the) weight is quantized under TP
 
@@ -32,20 +32,6 @@ class QuantSpec:
     quant_type: str          # "nf4" | "fp4"
     double_quant: bool
     compute_dtype: torch.dtype
-
-
-def quant_spec(cfg) -> QuantSpec | None:
-    from trellis.configs.validate import base_quantization
-
-    q = base_quantization(cfg)
-    if q == "none":
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError(f"peft.quantize_base={q!r} needs bitsandbytes: pip install bitsandbytes") from None
-    dt = torch.bfloat16 if cfg.peft.compute_dtype == "bf16" else torch.float32
-    return QuantSpec(q, cfg.peft.double_quant, dt)
 
 
 def linear_to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, q: QuantSpec) -> nn.Module:
@@ -105,20 +91,6 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 # ---- the tensor-parallel 4-bit shard --------------------------------------------------------------
 
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce forward of partial sums; identity backward (the row-parallel 'g' operator)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
 class TPLinear4bit(nn.Module):
     """This rank's shard of a frozen linear in 4 bit. colwise: out rows [r·o/tp, (r+1)·o/tp) with replicated
     input and sharded output; rowwise: in columns likewise with sharded input, output all-reduced."""
@@ -149,7 +121,7 @@ class TPLinear4bit(nn.Module):
 
     def forward(self, x):
         if self.kind == "rowwise":
-            y = _ReduceFromTP.apply(self.inner(x), self.group)
+            y = reduce_from(self.inner(x), self.group)  # row-parallel "g"
         else:
             y = self.inner(sum_grad_over(x, self.group))  # column-parallel "f"
         return y if self.bias is None else y + self.bias.to(y.dtype)

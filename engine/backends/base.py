@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Batch
+from ..data import Batch
 
 
 @dataclass

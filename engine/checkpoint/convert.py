@@ -10,7 +10,7 @@ import torch
 
 from trellis.errors import CheckpointError
 
-from . import checkpoint_io as io
+from . import io
 
 
 def full_sections(path: Path, sections: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-from trellis.engine.quantize import is_quantized_param
+from trellis.parallel.quant4bit import is_quantized_param
 from trellis.parallel.data_parallel import local as _local
 
 

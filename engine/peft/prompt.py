@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from trellis.errors import ConfigError
 from trellis.parallel.hf_compat import cache_kwarg
 
-from .distributed import sum_grad_over
+from trellis.parallel.collectives import sum_grad_over
 
 PROMPT_MODULE = "peft_prompt"
 

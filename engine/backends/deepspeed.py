@@ -24,10 +24,10 @@ import torch.distributed as dist
 from trellis.errors import ConfigError
 from trellis.parallel.loss import causal_lm_loss_sum
 
-from .backend import StepResult, TrainingBackend
-from .data import Batch, global_token_count
-from .optim import param_groups
-from .distributed import broadcast_object
+from .base import StepResult, TrainingBackend
+from ..data import Batch, global_token_count
+from ..optim import param_groups
+from ..distributed import broadcast_object
 
 CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per trellis step-N/state directory
 UNIVERSAL_TAG = "ds_universal"
