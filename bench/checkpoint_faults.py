@@ -31,7 +31,7 @@ LOAD_RE = re.compile(r"checkpoint: resumed from .* in ([0-9.]+)s")
 
 
 def trial(ck: Path, dp: int, rng: random.Random, log: Path) -> tuple[bool, str, float | None]:
-    from trellis.engine.checkpoint.checkpointer import io
+    from trellis.engine.checkpoint import io
 
     before = io.latest_valid(ck)
     before_step = io.read_metadata(before)["step"] if before else 0
@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--dp", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    from trellis.engine.checkpoint.checkpointer import io
+    from trellis.engine.checkpoint import io
 
     rng = random.Random(args.seed)
     ok, loads, failures = 0, [], []

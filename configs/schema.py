@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# peft.method values that learn virtual tokens / key-value prefixes instead of adapter weights
+PEFT_PROMPT_METHODS = ("prefix", "prompt", "ptuning", "ptuning_v2")
+# of those, the ones with a key/value prefix per layer (prefix tuning; P-tuning v2 = its reparameterised form)
+PEFT_PREFIX_METHODS = ("prefix", "ptuning_v2")
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -45,6 +50,11 @@ class ParallelConfig:
     pp_split: str = "even"
     # Collective timeout; a dead peer ends the job after this instead of hanging.
     timeout_s: float = 300.0
+
+    def world_size(self) -> int:
+        """dp x pp x tp with a -1 axis read as 1: the ranks this layout needs at least (what trellis starts
+        itself, and what `trellis launch` spreads over the nodes, when nothing else says)."""
+        return max(self.dp, 1) * max(self.pp, 1) * max(self.tp, 1)
 
 
 @dataclass(kw_only=True)
@@ -176,7 +186,3 @@ class TrainConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     # Where the config came from (file path), for messages; not a user key.
     source: str = field(default="", repr=False, compare=False)
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.train.micro_batch_size * self.train.grad_accum * max(self.parallel.dp, 1)

@@ -1,28 +1,70 @@
-"""Cross-field rules that need only the config (model- and world-dependent rules run at start-up)."""
+"""Cross-field rules that need only the config, one function per section; each rule is written once here
+and imported where it is needed again (the memory estimator's offload rules, QLoRA's nf4 default, the global
+batch once dp is resolved). Model-dependent layout rules live in parallel/dims.py, world-dependent ones run
+at start-up."""
 
 from __future__ import annotations
 
 from trellis.errors import ConfigError
 
-from .schema import TrainConfig
+from .schema import PEFT_PROMPT_METHODS, TrainConfig
 
 # PEFT methods known to break inside peft on a 4-bit base (measured: LoKr/LoHa/HRA).
 _NO_4BIT_METHODS = ("lokr", "loha", "hra")
-_PROMPT_METHODS = ("prefix", "prompt", "ptuning", "ptuning_v2")
+
+
+def resolve_quantization(method: str, quantize_base: str = "auto") -> str:
+    """The base's quantization: `quantize_base` when set, else "nf4" for qlora and "none" otherwise."""
+    if quantize_base == "auto":
+        return "nf4" if method == "qlora" else "none"
+    return quantize_base
 
 
 def base_quantization(cfg: TrainConfig) -> str:
     """Resolved `peft.quantize_base`: "nf4" for qlora unless set, else "none" unless set."""
-    q = cfg.peft.quantize_base
-    if q == "auto":
-        return "nf4" if cfg.peft.method == "qlora" else "none"
-    return q
+    return resolve_quantization(cfg.peft.method, cfg.peft.quantize_base)
+
+
+def offload_errors(backend: str, stage: int, offload_optimizer: str, offload_param: str) -> list[str]:
+    """Where ZeRO offload exists: param offload is ZeRO-3's, optimizer offload needs a sharded optimizer
+    (stage >= 1), NVMe is DeepSpeed's (ZeRO-Infinity) and the native backend offloads to CPU with FSDP2's
+    CPUOffloadPolicy, i.e. at stage 3 only. Shared by the config and the memory estimator / planner."""
+    e = []
+    if offload_param != "none" and stage != 3:
+        e.append(f"zero.offload_param={offload_param!r} needs zero.stage=3 (got {stage})")
+    if offload_optimizer != "none" and stage == 0:
+        e.append(f"zero.offload_optimizer={offload_optimizer!r} needs zero.stage >= 1")
+    if "nvme" in (offload_optimizer, offload_param) and backend != "deepspeed":
+        e.append("zero.offload_*='nvme' needs zero.backend='deepspeed' (ZeRO-Infinity); the native "
+                 "backend offloads to 'cpu' only")
+    if backend == "native" and stage in (1, 2) and offload_optimizer == "cpu":
+        e.append(f"zero.offload_optimizer='cpu' with the native backend needs zero.stage=3 (FSDP2 "
+                 f"CPUOffloadPolicy), got {stage}; use zero.stage=3 or zero.backend='deepspeed'")
+    return e
+
+
+def global_batch_errors(cfg: TrainConfig, dp: int) -> list[str]:
+    """train.global_batch_size (0 = derived) must equal micro batch x grad_accum x the resolved dp."""
+    t = cfg.train
+    derived = t.micro_batch_size * t.grad_accum * dp
+    if not t.global_batch_size or derived == t.global_batch_size:
+        return []
+    return [f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size "
+            f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x parallel.dp ({dp}) "
+            f"= {derived}; change one of them or set train.global_batch_size=0 to derive it"]
 
 
 def validate(cfg: TrainConfig) -> None:
+    """Every section's rules; all problems in one ConfigError."""
     e: list[str] = []
-    p, t, z, pr = cfg.parallel, cfg.train, cfg.zero, cfg.precision
+    for section in (_parallel, _train, _data, _precision, _zero, _peft, _checkpoint, _logging, _launcher):
+        e.extend(section(cfg))
+    if e:
+        raise ConfigError(e)
 
+
+def _parallel(cfg: TrainConfig) -> list[str]:
+    p, e = cfg.parallel, []
     for name in ("dp", "pp", "tp"):
         v = getattr(p, name)
         if v == 0 or v < -1:
@@ -48,7 +90,11 @@ def validate(cfg: TrainConfig) -> None:
             if p.pp > 0 and len(points) != p.pp - 1:
                 e.append(f"parallel.pp_split={p.pp_split!r}: {len(points)} split points make "
                          f"{len(points) + 1} stages but parallel.pp={p.pp}; give {p.pp - 1} points")
+    return e
 
+
+def _train(cfg: TrainConfig) -> list[str]:
+    p, t, e = cfg.parallel, cfg.train, []
     for name in ("micro_batch_size", "grad_accum", "steps"):
         if getattr(t, name) < 1:
             e.append(f"train.{name}={getattr(t, name)}: must be >= 1")
@@ -66,23 +112,23 @@ def validate(cfg: TrainConfig) -> None:
         e.append(f"train.weight_decay={t.weight_decay}: must be >= 0")
     if t.global_batch_size < 0:
         e.append(f"train.global_batch_size={t.global_batch_size}: must be >= 0 (0 = derived)")
-    elif t.global_batch_size and p.dp > 0:
-        derived = t.micro_batch_size * t.grad_accum * p.dp
-        if derived != t.global_batch_size:
-            e.append(
-                f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size "
-                f"({t.micro_batch_size}) x train.grad_accum ({t.grad_accum}) x parallel.dp ({p.dp}) "
-                f"= {derived}; change one of them or set train.global_batch_size=0 to derive it")
+    elif p.dp > 0:  # dp = -1: checked once the world size resolves it (engine/trainer.py)
+        e.extend(global_batch_errors(cfg, p.dp))
     if p.pp > 1 and t.grad_accum < p.pp:
         e.append(f"train.grad_accum={t.grad_accum}: pipeline parallel needs at least parallel.pp="
                  f"{p.pp} micro-batches per step; set train.grad_accum >= {p.pp}")
-    if t.optimizer == "adamw8bit" and z.backend == "deepspeed":
+    if t.optimizer == "adamw8bit" and cfg.zero.backend == "deepspeed":
         e.append("train.optimizer='adamw8bit' is not available with zero.backend='deepspeed'; "
                  "use 'adamw' or the native backend")
+    return e
 
-    if cfg.data.seq_len < 2:
-        e.append(f"data.seq_len={cfg.data.seq_len}: must be >= 2")
 
+def _data(cfg: TrainConfig) -> list[str]:
+    return [f"data.seq_len={cfg.data.seq_len}: must be >= 2"] if cfg.data.seq_len < 2 else []
+
+
+def _precision(cfg: TrainConfig) -> list[str]:
+    pr, e = cfg.precision, []
     if pr.loss_scale != "dynamic":
         try:
             if float(pr.loss_scale) <= 0:
@@ -102,26 +148,24 @@ def validate(cfg: TrainConfig) -> None:
         elif pr.min_loss_scale > 2.0 ** pr.initial_scale_power:
             e.append(f"precision.min_loss_scale={pr.min_loss_scale} is above the initial scale "
                      f"2^{pr.initial_scale_power}; lower it or raise precision.initial_scale_power")
+    return e
 
-    if z.offload_param != "none" and z.stage != 3:
-        e.append(f"zero.offload_param={z.offload_param!r} needs zero.stage=3 (got {z.stage})")
-    if z.offload_optimizer != "none" and z.stage == 0:
-        e.append(f"zero.offload_optimizer={z.offload_optimizer!r} needs zero.stage >= 1")
-    if "nvme" in (z.offload_optimizer, z.offload_param):
-        if z.backend != "deepspeed":
-            e.append("zero.offload_*='nvme' needs zero.backend='deepspeed' (ZeRO-Infinity); the native "
-                     "backend offloads to 'cpu' only")
-        if not z.nvme_path:
-            e.append("zero.nvme_path: required when offloading to nvme; set it to a fast local directory")
+
+def _zero(cfg: TrainConfig) -> list[str]:
+    p, z = cfg.parallel, cfg.zero
+    e = offload_errors(z.backend, z.stage, z.offload_optimizer, z.offload_param)
+    if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
+        e.append("zero.nvme_path: required when offloading to nvme; set it to a fast local directory")
     if z.backend == "deepspeed" and (p.tp > 1 or p.pp > 1):
         e.append(f"zero.backend='deepspeed' supports data parallel only in trellis (got parallel.tp={p.tp}, "
                  f"parallel.pp={p.pp}); use zero.backend='native' for tensor/pipeline parallel")
     if z.deepspeed_config and z.backend != "deepspeed":
         e.append("zero.deepspeed_config is set but zero.backend is 'native'; set zero.backend='deepspeed'")
-    if z.backend == "native" and z.stage in (1, 2, 3) and z.offload_optimizer == "cpu" and z.stage < 3:
-        e.append(f"zero.offload_optimizer='cpu' with the native backend needs zero.stage=3 (FSDP2 "
-                 f"CPUOffloadPolicy), got {z.stage}; use zero.stage=3 or zero.backend='deepspeed'")
+    return e
 
+
+def _peft(cfg: TrainConfig) -> list[str]:
+    e = []
     q = base_quantization(cfg)
     if q != "none" and cfg.peft.method in _NO_4BIT_METHODS:
         e.append(f"peft.method={cfg.peft.method!r} breaks inside peft on a 4-bit base; use lora/dora/ia3 "
@@ -132,12 +176,15 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.peft.method != "none":
         if cfg.peft.r < 1:
             e.append(f"peft.r={cfg.peft.r}: must be >= 1")
-        if cfg.peft.method in _PROMPT_METHODS and cfg.peft.num_virtual_tokens < 1:
+        if cfg.peft.method in PEFT_PROMPT_METHODS and cfg.peft.num_virtual_tokens < 1:
             e.append(f"peft.num_virtual_tokens={cfg.peft.num_virtual_tokens}: must be >= 1")
         if cfg.peft.method == "adalora":
             e.extend(_adalora_errors(cfg))
+    return e
 
-    c = cfg.checkpoint
+
+def _checkpoint(cfg: TrainConfig) -> list[str]:
+    c, e = cfg.checkpoint, []
     if (c.interval or c.interval_seconds) and not c.dir:
         e.append("checkpoint.interval is set but checkpoint.dir is empty; set checkpoint.dir")
     if c.interval < 0 or c.interval_seconds < 0:
@@ -150,16 +197,21 @@ def validate(cfg: TrainConfig) -> None:
         e.append("checkpoint.resume: use 'none', 'auto' or a checkpoint directory")
     if c.resume == "auto" and not c.dir:
         e.append("checkpoint.resume='auto' needs checkpoint.dir to search in")
+    return e
 
-    if cfg.logging.log_interval < 1:
-        e.append(f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
-    if cfg.launcher.nproc_per_node < 0 or cfg.launcher.nnodes < 1:
+
+def _logging(cfg: TrainConfig) -> list[str]:
+    n = cfg.logging.log_interval
+    return [f"logging.log_interval={n}: must be >= 1"] if n < 1 else []
+
+
+def _launcher(cfg: TrainConfig) -> list[str]:
+    la, e = cfg.launcher, []
+    if la.nproc_per_node < 0 or la.nnodes < 1:
         e.append("launcher.nproc_per_node must be >= 0 and launcher.nnodes >= 1")
-    if not 0 <= cfg.launcher.master_port < 65536:
-        e.append(f"launcher.master_port={cfg.launcher.master_port}: must be a TCP port (0 = pick a free one)")
-
-    if e:
-        raise ConfigError(e)
+    if not 0 <= la.master_port < 65536:
+        e.append(f"launcher.master_port={la.master_port}: must be a TCP port (0 = pick a free one)")
+    return e
 
 
 def _adalora_errors(cfg: TrainConfig) -> list[str]:

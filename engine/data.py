@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from trellis.configs import PRESET_DIR
 from trellis.errors import ConfigError
+from trellis.parallel.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Batch", "GlobalBatchSampler", "PackedDataset", "build_dataset", "global_token_count"]
 
 
 def builtin_corpus_path() -> Path:
-    from trellis.configs import PRESET_DIR
-
     return PRESET_DIR / "data" / "corpus.txt"
 
 
@@ -154,8 +155,6 @@ class GlobalBatchSampler:
 
 def global_token_count(micro_batches: list[Batch], group=None) -> int:
     """Counted (non-ignored) target tokens of one step over `group`: the loss normaliser."""
-    import torch.distributed as dist
-
     n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
     dist.all_reduce(n, group=group)
     return int(n.item())

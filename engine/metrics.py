@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import time
@@ -122,7 +121,3 @@ class StepTimer:
         t = time.perf_counter()
         dt, self.t0 = t - self.t0, t
         return dt
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "false")

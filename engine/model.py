@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from trellis.configs import PRESET_DIR
 from trellis.errors import ConfigError
 
 # Families transformers cannot run with sdpa attention.
@@ -16,8 +17,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 
 def shipped_models_dir() -> Path:
-    from trellis.configs import PRESET_DIR
-
     return PRESET_DIR / "models"
 
 
@@ -34,12 +33,6 @@ def resolve_model_dir(path: str) -> Path:
     names = sorted(d.name for d in shipped_models_dir().iterdir() if (d / "config.json").is_file())
     raise ConfigError(f"model.path={path!r}: not a directory with config.json nor a shipped model "
                       f"({', '.join(names)})")
-
-
-def read_model_config(path: str) -> dict:
-    p = Path(path)
-    cfg_file = p if p.is_file() else resolve_model_dir(path) / "config.json"
-    return json.loads(cfg_file.read_text())
 
 
 def has_weights(model_dir: Path) -> bool:
@@ -94,16 +87,3 @@ def check_vocab(model, tokenizer) -> None:
         raise ConfigError(
             f"model vocab_size={v_model} != tokenizer size {v_tok}; set model.tokenizer to the tokenizer the model "
             "was built for, or set vocab_size in the model's config.json")
-
-
-def model_dims(hf_config) -> dict[str, int]:
-    """Heads, kv heads, layers, vocab and MLP size under the family-specific config names."""
-    c = hf_config
-    heads = getattr(c, "num_attention_heads", None) or getattr(c, "n_head", None)
-    layers = getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer", None)
-    hidden = getattr(c, "hidden_size", None) or getattr(c, "n_embd", None)
-    inter = (getattr(c, "intermediate_size", None) or getattr(c, "ffn_dim", None) or getattr(c, "n_inner", None)
-             or 4 * hidden)
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    return {"num_heads": heads, "num_kv_heads": kv, "num_layers": layers, "hidden_size": hidden,
-            "intermediate_size": inter, "vocab_size": c.vocab_size}

@@ -6,38 +6,27 @@ import sys
 
 from trellis.errors import UserError
 
+from .backends import check_supported
+from .distributed import init_distributed, launcher_rank_env, shutdown
+from .spawn import spawn_local_ranks
+from .trainer import train_this_rank
+
 
 def local_world_size(cfg) -> int:
-    if cfg.launcher.nproc_per_node:
-        return cfg.launcher.nproc_per_node
-    n = 1
-    for v in (cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp):
-        n *= max(v, 1)
-    return n
+    return cfg.launcher.nproc_per_node or cfg.parallel.world_size()
 
 
 def run_training(cfg, argv: list[str]) -> int:
-    from .distributed import launcher_rank_env
-
-    if cfg.zero.backend == "deepspeed":
-        # Refuse what DeepSpeed cannot do on this machine before any rank starts (e.g. fp16 on a CPU).
-        from .backends.deepspeed import check_precision_supported
-
-        check_precision_supported(cfg)
-
+    # Refuse what the backend cannot do on this machine before any rank starts (e.g. DeepSpeed fp16 on a CPU).
+    check_supported(cfg)
     if launcher_rank_env() is None:
         world = local_world_size(cfg)
         if world > 1:
-            from .spawn import spawn_local_ranks
-
             return spawn_local_ranks(world, argv)
     return run_rank(cfg)
 
 
 def run_rank(cfg) -> int:
-    from .distributed import init_distributed, shutdown
-    from .trainer import train_this_rank
-
     ctx = init_distributed(cfg.parallel.timeout_s)
     clean = False
     try:

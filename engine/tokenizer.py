@@ -5,14 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from trellis.configs import PRESET_DIR
 from trellis.errors import ConfigError
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2 (the shipped model configs rely on these)
 
 
 def shipped_tokenizer_path() -> Path:
-    from trellis.configs import PRESET_DIR
-
     return PRESET_DIR / "data" / "tokenizer.json"
 
 

@@ -1,7 +1,8 @@
 """Trainer: data → backend.train_step → LR schedule → metrics → checkpoints, on every rank.
 
 The Trainer owns what is the same for every backend (data order, schedule, metrics, signals,
-checkpoint cadence); the backend (engine/native_backend.py or the DeepSpeed one) owns the step.
+checkpoint cadence); the backend (engine/backends/: native or DeepSpeed, chosen by build_backend) owns the
+step and the model/optimizer state the Checkpointer saves.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ import torch.distributed as dist
 from trellis.errors import ConfigError
 from trellis.parallel.dims import ParallelDims
 
+from .backends import build_backend
+from .checkpoint.checkpointer import Checkpointer
 from .data import GlobalBatchSampler, build_dataset
 from .distributed import DistContext
 from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
 from .model import build_model, check_vocab
 from .optim import lr_at
+from .peft.inject import make_injector
 from .tokenizer import find_tokenizer, load_tokenizer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -58,6 +62,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx
         self.dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, ctx.world_size)
+        check_global_batch(cfg, self.dims)
         self.dims.build_mesh(ctx.device.type)
         self.step = 0
         self.tokens_seen = 0
@@ -81,26 +86,14 @@ class Trainer:
         coord = self.dims.coordinate()
         self.sampler = GlobalBatchSampler(self.train_data, micro_batch_size=cfg.train.micro_batch_size,
                                           grad_accum=cfg.train.grad_accum, dp_rank=coord["dp"], dp_size=self.dims.dp)
-        inject = None
-        if cfg.peft.method != "none":
-            from .peft.inject import make_injector
-
-            inject = make_injector(cfg)
-        if cfg.zero.backend == "deepspeed":
-            from .backends.deepspeed import DeepSpeedBackend
-
-            self.backend = DeepSpeedBackend(cfg, self.ctx, self.dims, model, inject_peft=inject)
-        else:
-            from .backends.native import NativeBackend
-
-            self.backend = NativeBackend(cfg, self.ctx, self.dims, model, inject_peft=inject)
+        inject = make_injector(cfg) if cfg.peft.method != "none" else None
+        self.backend = build_backend(cfg, self.ctx, self.dims, model, inject_peft=inject)
         # Distinct data-independent randomness per rank (dropout), reproducible from the seed.
         torch.manual_seed(cfg.train.seed + 1000 + self.ctx.rank)
         self.checkpointer = None
         if cfg.checkpoint.dir:
-            from .checkpoint.checkpointer import Checkpointer
-
-            self.checkpointer = Checkpointer(cfg, self)
+            self.checkpointer = Checkpointer(cfg, self.backend, self.sampler, dims=self.dims,
+                                             hf_config=self.hf_config, rank=self.ctx.rank)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -110,7 +103,10 @@ class Trainer:
         stop.install()
         resumed_from = None
         if self.checkpointer is not None:
-            resumed_from = self.checkpointer.maybe_resume()
+            resumed = self.checkpointer.maybe_resume()
+            if resumed is not None:
+                resumed_from, state = resumed
+                self.step, self.tokens_seen = state.step, state.tokens_seen
         writer = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
                                resume=resumed_from is not None) if main else None
         progress = Progress(cfg.logging.progress, cfg.train.steps, self.step) if main else None
@@ -141,7 +137,7 @@ class Trainer:
                         writer.write(rec)
                         progress.update(rec)
                 if self.checkpointer is not None:
-                    self.checkpointer.after_step(self.step)
+                    self.checkpointer.after_step(self.step, self.tokens_seen)
                 stopped_by = stop.agreed()
                 if stopped_by:
                     break
@@ -151,13 +147,16 @@ class Trainer:
             if writer:
                 writer.close()
             stop.restore()
-        if self.checkpointer is not None and (stopped_by or self.step >= cfg.train.steps):
-            self.checkpointer.save(self.step, final=True)
+        # The last step is always saved; a stop signal saves only with checkpoint.save_on_signal (else the run
+        # stops at the step boundary and a resume starts from the last interval checkpoint).
+        finished = self.step >= cfg.train.steps
+        if self.checkpointer is not None and (finished or (stopped_by and cfg.checkpoint.save_on_signal)):
+            self.checkpointer.save(self.step, self.tokens_seen)
         wall = time.perf_counter() - t_start
         summary = {
             "model": f"{self.model_type} ({self.num_params / 1e6:.2f}M params)",
             "layout": f"dp={self.dims.dp} pp={self.dims.pp} tp={self.dims.tp} zero={cfg.zero.stage} "
-                      f"backend={cfg.zero.backend}",
+                      f"backend={self.backend.name}",
             "precision": cfg.precision.dtype,
             "steps": self.step,
             "tokens": self.tokens_seen,
@@ -167,7 +166,7 @@ class Trainer:
             "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
             "mean_step_s": sum(step_times[1:]) / max(len(step_times) - 1, 1) if step_times else None,
             "skipped_steps": skipped,
-            "loss_scale": getattr(getattr(self.backend, "scaler", None), "scale", None),
+            "loss_scale": self.backend.loss_scaler.scale if self.backend.loss_scaler is not None else None,
             "metrics_file": cfg.logging.metrics_file or None,
             "checkpoint": str(self.checkpointer.last_saved) if self.checkpointer and self.checkpointer.last_saved else None,
             "stopped_by_signal": stopped_by or None,
@@ -201,6 +200,18 @@ class Trainer:
         rows: list = [None] * self.ctx.world_size
         dist.all_gather_object(rows, row)
         return rows
+
+
+def check_global_batch(cfg, dims: ParallelDims) -> None:
+    """train.global_batch_size (0 = derived) against micro batch x grad_accum x dp once dp is resolved (a
+    parallel.dp of -1 is known only with the world size)."""
+    t = cfg.train
+    derived = t.micro_batch_size * t.grad_accum * dims.dp
+    if t.global_batch_size and t.global_batch_size != derived:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
+            f"train.grad_accum ({t.grad_accum}) x parallel.dp ({dims.dp}) = {derived} on {dims.world_size} ranks; "
+            "change one of them or set train.global_batch_size=0 to derive it")
 
 
 def train_this_rank(cfg, ctx: DistContext) -> dict:

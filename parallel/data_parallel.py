@@ -107,12 +107,13 @@ class ZeroOneOptimizer:
 
 
 def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], dp_mesh, *, stage: int, compute_dtype: torch.dtype,
-               cpu_offload: bool) -> None:
-    """ZeRO-2/3 via FSDP2: one FSDP unit per decoder block plus the root (embeddings, norm, head)."""
+               cpu_offload: bool, pin_memory: bool = False) -> None:
+    """ZeRO-2/3 via FSDP2: one FSDP unit per decoder block plus the root (embeddings, norm, head).
+    `pin_memory` (zero.pin_memory): the CPU-offloaded shards in page-locked memory (faster host <-> GPU copies)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy(pin_memory=False) if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()
     reshard = stage == 3
     # A QLoRA base's packed 4-bit weights (bitsandbytes Params4bit: uint8 data + quant_state) cannot be
     # split row-wise by FSDP2, are frozen and are already 1/8 of fp32: they stay whole on every dp rank;

@@ -8,7 +8,6 @@ on GPUs keeps them inside a node).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from trellis.errors import ConfigError
 
@@ -49,10 +48,6 @@ class ParallelDims:
                 f"parallel: dp ({self.dp}) x pp ({self.pp}) x tp ({self.tp}) = "
                 f"{self.dp * self.pp * self.tp} but the world size is {self.world_size}; "
                 f"make the product equal the number of ranks, or set one axis to -1")
-
-    @property
-    def dp_enabled(self) -> bool:
-        return self.dp > 1
 
     @property
     def tp_enabled(self) -> bool:
@@ -109,6 +104,3 @@ def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int
     if e:
         raise ConfigError(e)
 
-
-def collective_timeout(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)

@@ -4,8 +4,8 @@ A stage module keeps the ORIGINAL fully-qualified parameter names ("model.layers
 the decoder-block ModuleList becomes a ModuleDict keyed by the original index and modules of other
 stages are deleted, so checkpoints load on any layout. Tied input/output embeddings (GPT-2, OPT, BLOOM)
 become two copies, on the first and the last stage; their gradients are summed across the pp group
-before every optimizer step, so the copies stay identical. Modules the model marks as replicated on every
-stage (`trellis_pp_replicated`: PEFT prefix tuning's encoder, each stage using the prefixes of its own
+before every optimizer step, so the copies stay identical. Modules that PEFT prompt learning replicates on
+every stage (`PromptHooks.pp_replicated`: prefix tuning's encoder, each stage using the prefixes of its own
 layers) are handled the same way.
 """
 
@@ -21,6 +21,7 @@ from trellis.errors import ConfigError
 
 from . import stage_forward
 from .models.base import FamilySpec
+from .prompt_hooks import PromptHooks
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -85,8 +86,10 @@ def _balance(layer_params: list[int], pp: int, first_extra: int, last_extra: int
 class StageModule(nn.Module):
     """This rank's part of the model, with the original parameter names."""
 
-    def __init__(self, model: nn.Module, spec: FamilySpec, layer_range: range, is_first: bool, is_last: bool):
+    def __init__(self, model: nn.Module, spec: FamilySpec, layer_range: range, is_first: bool, is_last: bool,
+                 prompt: PromptHooks | None = None):
         super().__init__()
+        prompt = prompt or PromptHooks()
         self.spec = spec
         self.is_first, self.is_last = is_first, is_last
         self.config = model.config
@@ -94,16 +97,15 @@ class StageModule(nn.Module):
         kept = nn.ModuleDict({str(i): layers[i] for i in layer_range})
         parent_path, _, attr = spec.layers.rpartition(".")
         setattr(model.get_submodule(parent_path), attr, kept)
-        # PEFT virtual tokens (engine/peft_prompt.py): embeds -> [virtual | embeds], first stage only
-        self.input_prefix = getattr(model, "trellis_input_prefix", None) if is_first else None
-        # PEFT prefix tuning (engine/peft_prompt.py): per-layer key/value prefixes on every stage
-        self.kv_prefix = getattr(model, "trellis_kv_prefix", None)
-        self.prefix_len = getattr(model, "trellis_prefix_len", 0)
-        self.pp_replicated = tuple(getattr(model, "trellis_pp_replicated", ()))
+        # PEFT virtual tokens (PromptHooks): embeds -> [virtual | embeds], first stage only
+        self.input_prefix = prompt.input_prefix if is_first else None
+        # PEFT prefix tuning (PromptHooks): per-layer key/value prefixes on every stage
+        self.kv_prefix = prompt.kv_prefix
+        self.prefix_len = prompt.prefix_len
+        self.pp_replicated = tuple(prompt.pp_replicated)
         drop = []
         if not is_first:
-            drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm,
-                     *getattr(model, "trellis_first_stage_only", ())]
+            drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm, *prompt.first_stage_only]
         if not is_last:
             drop += [spec.final_norm, spec.lm_head]
         for path in filter(None, drop):
@@ -273,13 +275,14 @@ class Pipeline:
 
 
 def build_stage_module(model: nn.Module, spec: FamilySpec, stage_idx: int, num_stages: int,
-                       layer_range: range) -> StageModule:
+                       layer_range: range, prompt: PromptHooks | None = None) -> StageModule:
     """This stage's module (original FQNs); `model` is consumed (other stages' modules are deleted)."""
-    return StageModule(model, spec, layer_range, is_first=stage_idx == 0, is_last=stage_idx == num_stages - 1)
+    return StageModule(model, spec, layer_range, is_first=stage_idx == 0, is_last=stage_idx == num_stages - 1,
+                       prompt=prompt)
 
 
 def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str, n_microbatches: int,
-                   split_mode: str, loss_fn) -> Pipeline:
+                   split_mode: str, loss_fn, prompt: PromptHooks | None = None) -> Pipeline:
     if schedule not in SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
     layers = model.get_submodule(spec.layers)
@@ -307,7 +310,7 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
     stage_ids = [rank + v * pp for v in range(virtual)]
     # each virtual stage consumes its own copy of the model (copies made before any is cut)
     sources = [model] + [copy.deepcopy(model) for _ in stage_ids[1:]]
-    stages = [build_stage_module(src, spec, i, num_stages, ranges[i]) for src, i in zip(sources, stage_ids)]
+    stages = [build_stage_module(src, spec, i, num_stages, ranges[i], prompt) for src, i in zip(sources, stage_ids)]
     device = next(stages[0].parameters()).device
     return Pipeline(stages, stage_ids, num_stages, pp_mesh, schedule=schedule, n_microbatches=n_microbatches,
                     loss_fn=loss_fn, device=device, tied=tied)

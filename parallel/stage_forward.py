@@ -5,8 +5,8 @@ need. Attention inside a stage must stay causal (HF eager attention with attenti
 silently bidirectional): sdpa families get attention_mask=None, which HF's sdpa path runs with
 is_causal=True; BLOOM (eager only) gets an explicit additive causal mask.
 
-PEFT prefix tuning (engine/peft_prompt.py) gives every block a read-only key/value prefix of
-`stage.prefix_len` virtual positions: positions then start at prefix_len (as HF offsets them by the cache
+PEFT prefix tuning (parallel/prompt_hooks.py, engine/peft/prompt.py) gives every block a read-only key/value
+prefix of `stage.prefix_len` virtual positions: positions then start at prefix_len (as HF offsets them by the cache
 length), and the mask is explicit, [seq, prefix + seq], since sdpa's is_causal aligns a non-square mask
 to the top left (queries would not see the whole prefix).
 """
@@ -38,7 +38,7 @@ def _causal_mask(b: int, s: int, prefix: int, dtype: torch.dtype, device, additi
 def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor) -> torch.Tensor:
     h = stage.get_submodule(spec.embed_tokens)(input_ids)
     offset = stage.prefix_len  # learned positions start after a PEFT key/value prefix
-    if getattr(stage, "input_prefix", None) is not None:  # PEFT virtual tokens: positions then cover them
+    if stage.input_prefix is not None:  # PEFT virtual tokens: positions then cover them
         h = stage.input_prefix(stage, h)
     if spec.name == "opt":
         dec = stage.get_submodule(spec.backbone)

@@ -35,7 +35,9 @@ from torch.distributed.tensor.parallel import (
 
 from trellis.errors import ConfigError
 
+from .models import FAMILIES
 from .models.base import FamilySpec
+from .peft_tp import adapter_plan
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "split_size", "embed_dim",
                "hidden_size")
@@ -145,8 +147,6 @@ def _grad_in_param_layout(param):
 
 def _check_sequence_parallel(model: nn.Module, spec: FamilySpec) -> None:
     if not spec.sp_plan:
-        from .models import FAMILIES
-
         ok = sorted(t for f in FAMILIES if f.sp_plan for t in f.model_types)
         raise ConfigError(f"parallel.sequence_parallel is not supported for model type {model.config.model_type!r} "
                           f"(supported: {', '.join(ok)}); set parallel.sequence_parallel=false")
@@ -160,8 +160,6 @@ def _check_sequence_parallel(model: nn.Module, spec: FamilySpec) -> None:
 def apply_tensor_parallel(model: nn.Module, tp_mesh, spec: FamilySpec, *, sequence_parallel: bool = False) -> None:
     """Shard `model` (an HF *ForCausalLM, after hf_surgery.prepare_model and PEFT injection) in place over
     the 1-D `tp_mesh`."""
-    from .peft_tp import adapter_plan
-
     if sequence_parallel:
         _check_sequence_parallel(model, spec)
     tp = tp_mesh.size()
@@ -195,13 +193,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, spec: FamilySpec, *, sequen
             p.register_hook(_grad_in_param_layout(p))
 
 
-def sharded_vocab(model: nn.Module, spec: FamilySpec) -> bool:
-    return isinstance(model.get_submodule(spec.lm_head).weight, DTensor)
-
-
 def tp_local_numel(model: nn.Module) -> int:
     """Elements of parameters this rank stores (DTensor local shards; a tied weight counted once)."""
     return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
 
 
-__all__ = ["apply_tensor_parallel", "sharded_vocab", "tp_local_numel"]
+__all__ = ["apply_tensor_parallel", "tp_local_numel"]

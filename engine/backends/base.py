@@ -1,10 +1,16 @@
-"""The seam between the Trainer (data, schedule, metrics, checkpoints, signals) and whatever runs the
-forward/backward/optimizer step: the native torch stack or DeepSpeed's engine."""
+"""The seam between the Trainer (data, schedule, metrics, checkpoint cadence, signals) and whatever runs the
+forward/backward/optimizer step: the native torch stack or DeepSpeed's engine.
+
+A backend owns the partitioned model, the optimizer and (fp16) the loss scaler; the Trainer and the
+Checkpointer use it only through this interface.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -20,8 +26,20 @@ class StepResult:
     tokens: int            # tokens in the global batch
 
 
-class TrainingBackend(ABC):
+class LossScaler(Protocol):
+    """fp16 loss scaling as the Trainer and the Checkpointer see it (engine/amp.py, or DeepSpeed's)."""
+
+    @property
+    def scale(self) -> float: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Backend(ABC):
     name: str
+    module: torch.nn.Module  # this rank's (partitioned) model
 
     @abstractmethod
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
@@ -37,11 +55,19 @@ class TrainingBackend(ABC):
 
     @abstractmethod
     def memory_report(self) -> dict:
-        """Bytes on this rank by category, measured from live tensors and the live optimizer."""
+        """Bytes on this rank by category, measured from live tensors and the live optimizer (keys as the
+        estimator's: params, grads, optimizer_states, master_weights, trainable_params, ...)."""
 
-    # Checkpointing hooks; engine/checkpoint.py drives them.
-    def state_dict(self) -> dict:  # pragma: no cover - backend specific
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def loss_scaler(self) -> LossScaler | None:
+        """The fp16 loss scaler (None unless precision.dtype='fp16')."""
 
-    def load_state_dict(self, state: dict) -> None:  # pragma: no cover - backend specific
-        raise NotImplementedError
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Write model and optimizer state (every rank its part) into `directory`, inside the Checkpointer's
+        atomic step-N flow."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Read back what `save` wrote (possibly on another layout, where the backend supports it)."""

@@ -23,11 +23,14 @@ import torch.distributed as dist
 
 from trellis.errors import ConfigError
 from trellis.parallel.loss import causal_lm_loss_sum
+from trellis.parallel.parallelize import parallelize
 
-from .base import StepResult, TrainingBackend
+from ..amp import compute_dtype
 from ..data import Batch, global_token_count
-from ..optim import param_groups
 from ..distributed import broadcast_object
+from ..optim import param_groups
+from . import ds_ops
+from .base import Backend, StepResult
 
 CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per trellis step-N/state directory
 UNIVERSAL_TAG = "ds_universal"
@@ -93,7 +96,7 @@ def _optimizer_section(cfg) -> dict:
               "adam_w_mode": True}
     if cfg.zero.offload_optimizer == "none":
         params["torch_adam"] = True  # torch's AdamW: no fused_adam JIT build, same math as the native backend
-    # With offload DeepSpeed picks DeepSpeedCPUAdam (the cpu_adam op, see engine/ds_ops.py).
+    # With offload DeepSpeed picks DeepSpeedCPUAdam (the cpu_adam op, see engine/backends/ds_ops.py).
     return {"type": "AdamW", "params": params}
 
 
@@ -154,16 +157,23 @@ def _check_consistent(ds: dict, cfg, dp: int) -> None:
 def fp16_supported(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available()
-    try:  # what DeepSpeed's CPU accelerator asks (is_fp16_supported)
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except Exception:
+    # What DeepSpeed's CPU accelerator asks (is_fp16_supported). A torch built without the mkldnn op raises
+    # AttributeError (no such op) or RuntimeError (op not available for this build): that means "no fp16";
+    # anything else is a real error and surfaces.
+    try:
+        probe = torch.ops.mkldnn._is_mkldnn_fp16_supported
+    except (AttributeError, RuntimeError):
+        return False
+    try:
+        return bool(probe())
+    except RuntimeError:
         return False
 
 
 def check_precision_supported(cfg, device_type: str | None = None) -> None:
     """Raise ConfigError when DeepSpeed will refuse the precision on this machine. Cheap, no deepspeed
-    import: call it in the launching process, before ranks start."""
-    if cfg.zero.backend != "deepspeed" or cfg.precision.dtype != "fp16":
+    import: call it in the launching process, before ranks start (engine/backends: check_supported)."""
+    if cfg.precision.dtype != "fp16":
         return
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if not fp16_supported(device_type):
@@ -193,7 +203,7 @@ class _DeepSpeedScale:
         pass
 
 
-class DeepSpeedBackend(TrainingBackend):
+class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):
@@ -203,13 +213,14 @@ class DeepSpeedBackend(TrainingBackend):
         check_precision_supported(cfg, ctx.device.type)
         self.cfg, self.ctx, self.dims = cfg, ctx, dims
         self.dp = dims.dp
-        self._prepare(model, inject_peft)
+        # The model preparation every backend shares (layout checks, family surgery, PEFT, activation
+        # checkpointing): parallelize() without its ZeRO wrap; DeepSpeed's engine shards over dp itself.
+        parallelize(model, dims, cfg, compute_dtype=compute_dtype(cfg.precision.dtype), inject_peft=inject_peft,
+                    shard_data_parallel=False)
         self.ds_config = build_ds_config(cfg, self.dp)
         # Before importing deepspeed: every DeepSpeed process group on CPU JIT-builds shm_comm, offload
         # needs cpu_adam/async_io; all of them come from the project-local cache (see ds_ops).
-        from .ds_ops import use_project_extensions_dir
-
-        use_project_extensions_dir()
+        ds_ops.use_project_extensions_dir()
         import deepspeed
 
         # DeepSpeed reads rank variables from the environment; a single process started without any
@@ -236,22 +247,13 @@ class DeepSpeedBackend(TrainingBackend):
         self.scaler = _DeepSpeedScale(self.optimizer) if self.engine.fp16_enabled() else None
         self._peft = cfg.peft.method != "none"
 
-    def _prepare(self, model, inject_peft) -> None:
-        """The model surgery every backend shares (GPT-2 Conv1D→Linear, adapters, activation checkpointing)."""
-        from trellis.parallel.activation_checkpoint import apply_activation_checkpointing
-        from trellis.parallel.data_parallel import decoder_blocks
-        from trellis.parallel.hf_surgery import prepare_model
-        from trellis.parallel.models import family_for
-
-        spec = family_for(model.config.model_type)
-        prepare_model(model, spec)
-        if inject_peft is not None:
-            inject_peft(model, spec)
-        apply_activation_checkpointing(decoder_blocks(model, spec), spec, self.cfg.activation_checkpointing.mode)
-
     # ---- helpers -------------------------------------------------------------------------------
     def trainable_named_parameters(self):
         return self.named_trainable
+
+    @property
+    def loss_scaler(self):
+        return self.scaler
 
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches)  # data parallel only: the world is the dp group
@@ -324,11 +326,14 @@ class DeepSpeedBackend(TrainingBackend):
         return {"params": params, "trainable_params": trainable, "grads": grads, "optimizer_states": states,
                 "master_weights": master, "zero_stage": stage}
 
-    # ---- checkpoint hooks (engine/checkpoint.py calls them inside its atomic step-N flow) -------
-    def save_checkpoint(self, path: str) -> None:
-        self.engine.save_checkpoint(path, tag=CHECKPOINT_TAG, exclude_frozen_parameters=self._peft)
+    # ---- checkpoint state (the Checkpointer calls these inside its atomic step-N flow) ---------
+    def save(self, directory: Path) -> None:
+        """DeepSpeed writes its own (layout-bound) files; they still go through the tmp -> rename flow."""
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, exclude_frozen_parameters=self._peft)
 
-    def load_checkpoint(self, path: str) -> None:
+    def load(self, directory: Path) -> None:
+        path = str(directory)
         saved_dp = saved_dp_size(Path(path) / CHECKPOINT_TAG)
         if saved_dp in (None, self.dp):
             self._load(path, CHECKPOINT_TAG)

@@ -80,12 +80,6 @@ def clean_stale_locks(root: Path, stale_after_s: float = 60.0, max_age_s: float 
     return removed
 
 
-def is_built(op: str, root: Path | None = None) -> bool:
-    root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or project_extensions_dir())
-    name = EXT_NAMES[op]
-    return any((root / name).glob(f"{name}*.so"))
-
-
 def build(ops=OPS) -> dict[str, float]:
     """JIT-build (or load from the cache) each op; returns seconds per op."""
     use_project_extensions_dir()

@@ -4,22 +4,26 @@ ZeRO-2/3 over dp, autocast/FSDP mixed precision with fp32 master weights, the en
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from trellis.parallel.data_parallel import ReplicatedGradSync, ZeroOneOptimizer, local
 from trellis.parallel.grad_norm import clip_grads_, total_grad_norm
-from trellis.parallel.loss import causal_lm_loss_sum, loss_parallel_context
+from trellis.parallel.loss import IGNORE_INDEX, causal_lm_loss_sum, loss_parallel_context
 from trellis.parallel.parallelize import ParallelModel, parallelize
 
 from ..amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
-from .base import StepResult, TrainingBackend
-from ..data import IGNORE_INDEX, Batch, global_token_count
+from ..data import Batch, global_token_count
 from ..optim import build_optimizer, set_lr
+from ..peft.adalora import build as build_adalora
+from .base import Backend, StepResult
 
 
-class NativeBackend(TrainingBackend):
+class NativeBackend(Backend):
     name = "native"
 
     def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):
@@ -30,6 +34,7 @@ class NativeBackend(TrainingBackend):
         self.dtype_name = cfg.precision.dtype
         self._norm = 1.0  # global token count of the current step (loss normaliser)
         self._scale = 1.0
+        self._grad_bytes = 0  # the most gradient bytes held at once (live .grad tensors, before zero_grad)
         self.pm: ParallelModel = parallelize(
             model, dims, cfg, compute_dtype=compute_dtype(self.dtype_name), inject_peft=inject_peft,
             loss_fn=self._pipeline_loss)
@@ -49,8 +54,6 @@ class NativeBackend(TrainingBackend):
             self.optimizer = build_optimizer(self.named_trainable, cfg.train, allow_empty=allow_empty)
         self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.dp_group, dims.dp)
         self.scaler = DynamicLossScaler.from_config(cfg.precision)
-        from ..peft.adalora import build as build_adalora
-
         self.adalora = build_adalora(cfg, self.pm.spec, self.module, dims.tp, dims.pp)  # None unless adalora
         coord = dims.coordinate()
         self._counts_loss = coord["tp"] == 0 and (self.pm.pipeline is None or self.pm.pipeline.is_last)
@@ -67,6 +70,10 @@ class NativeBackend(TrainingBackend):
 
     def trainable_named_parameters(self):
         return self.named_trainable
+
+    @property
+    def loss_scaler(self):
+        return self.scaler
 
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches, self.dp_group)
@@ -123,6 +130,7 @@ class NativeBackend(TrainingBackend):
             found_inf = found_inf_anywhere(grads, self.ctx.device)  # agreed over the whole world
             self.scaler.update(found_inf)  # raises LossScaleUnderflow at the minimum scale
             if found_inf:
+                self._note_grad_bytes()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.adalora is not None:
                     self.adalora.step += 1  # the schedule follows the trainer's step count
@@ -139,6 +147,7 @@ class NativeBackend(TrainingBackend):
         self.optimizer.step()
         if self.adalora is not None:  # after the step, grads still present (peft's documented order)
             self.adalora.update_and_allocate()
+        self._note_grad_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(loss=loss, grad_norm=float(norm), skipped=skipped,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
@@ -176,26 +185,37 @@ class NativeBackend(TrainingBackend):
         return self._world_loss(total)
 
     # ---- introspection -------------------------------------------------------------------------
-    def memory_report(self) -> dict:
-        def nbytes(t):
-            return local(t).numel() * local(t).element_size()
+    def _note_grad_bytes(self) -> None:
+        """Gradients are freed after every step (set_to_none): measure them while they are alive."""
+        live = sum(_nbytes(p.grad) for p in self.params if p.grad is not None)
+        self._grad_bytes = max(self._grad_bytes, live)
 
+    def _master_copy_bytes(self) -> int:
+        """fp32 master weights kept apart from the model: tensors the optimizer updates that are not this
+        rank's parameters. The native optimizers update the fp32 parameters themselves (under autocast and
+        FSDP2's MixedPrecisionPolicy the low-precision copies are transient), so this is 0 — the estimator's
+        master_weights; a wrapper holding its own fp32 copies would show here."""
+        own = {local(p).untyped_storage().data_ptr() for p in self.module.parameters()}
+        return sum(_nbytes(p) for g in self.optimizer.param_groups for p in g["params"]
+                   if local(p).untyped_storage().data_ptr() not in own)
+
+    def memory_report(self) -> dict:
         params_by_dtype: dict[str, int] = {}
         for _, p in self.module.named_parameters():
             key = str(local(p).dtype).replace("torch.", "")
-            params_by_dtype[key] = params_by_dtype.get(key, 0) + nbytes(p)
+            params_by_dtype[key] = params_by_dtype.get(key, 0) + _nbytes(p)
         opt_state = 0
         for st in self.optimizer.state.values():
             for v in st.values():
                 if torch.is_tensor(v) and v.numel() > 1:
-                    opt_state += nbytes(v)
-        trainable = sum(nbytes(p) for p in self.params)
+                    opt_state += _nbytes(v)
+        trainable = sum(_nbytes(p) for p in self.params)
         # Frozen (PEFT base) params by dtype: a 4-bit QLoRA base shows up as packed uint8.
         frozen_by_dtype: dict[str, int] = {}
         for _, p in self.module.named_parameters():
             if not p.requires_grad:
                 key = str(local(p).dtype).replace("torch.", "")
-                frozen_by_dtype[key] = frozen_by_dtype.get(key, 0) + nbytes(p)
+                frozen_by_dtype[key] = frozen_by_dtype.get(key, 0) + _nbytes(p)
         return {
             "base_params": sum(frozen_by_dtype.values()),
             "base_params_by_dtype": frozen_by_dtype,
@@ -203,13 +223,9 @@ class NativeBackend(TrainingBackend):
             "params": sum(params_by_dtype.values()),
             "params_by_dtype": params_by_dtype,
             "trainable_params": trainable,
-            # grads are freed after each step (set_to_none); during backward→step they match the
-            # local trainable params in size and dtype (fp32).
-            "grads": trainable,
+            "grads": self._grad_bytes,  # measured at the steps so far (0 before the first)
             "optimizer_states": opt_state,
-            # fp32 trainable params are the master weights; they are a separate copy only when compute
-            # is low precision (FSDP2 casts a transient low-precision copy for compute).
-            "master_weights": trainable if self.dtype_name != "fp32" else 0,
+            "master_weights": self._master_copy_bytes(),
         }
 
     # ---- checkpoint state (layout independent: FQN keys, DCP reshards on load) ----------------------
@@ -219,16 +235,12 @@ class NativeBackend(TrainingBackend):
         return [inner] if inner is not None and any(g["params"] for g in inner.param_groups) else []
 
     def _state_options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
         # PEFT: only adapters are trainable state; the frozen base comes from model.path.
         # Loading is strict except for PEFT, whose checkpoints hold only the adapters by design.
         return StateDictOptions(flatten_optimizer_state_dict=True, ignore_frozen_params=True,
                                 strict=self.cfg.peft.method == "none")
 
     def _current_state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
         opts = self._optimizers()
         model_sd, optim_sd = get_state_dict(self.module, opts, options=self._state_options())
         if self.cfg.peft.method != "none":
@@ -246,18 +258,18 @@ class NativeBackend(TrainingBackend):
             state["adalora"] = self.adalora.state()
         return state
 
-    def save_state(self, path) -> None:
-        import torch.distributed.checkpoint as dcp
+    def save(self, directory: Path) -> None:
+        dcp.save(self._current_state(), checkpoint_id=str(directory))
 
-        dcp.save(self._current_state(), checkpoint_id=str(path))
-
-    def load_state(self, path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
+    def load(self, directory: Path) -> None:
         state = self._current_state()
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.module, self._optimizers(), model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._state_options())
         if self.adalora is not None:
             self.adalora.load(state["adalora"])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    t = local(t)
+    return t.numel() * t.element_size()

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from trellis.configs.validate import offload_errors, resolve_quantization
 from trellis.errors import ConfigError
+from trellis.parallel.pipeline import SCHEDULES
 
 from .activations import model_level_bytes, per_layer_bytes, regime
-from .models import Linear, ModelDims, layer_linears, param_counts
+from .models import Linear, ModelDims, layer_linears, param_counts, total_params
 
 KEYS = ("params", "grads", "optimizer_states", "master_weights", "activations", "logits", "buffers", "comm_buffers",
         "allocator", "total",
@@ -66,8 +68,8 @@ class TrainingSetup:
 
     @property
     def effective_quant(self) -> str:
-        """The base's quantization: --quant, else NF4 for QLoRA."""
-        return self.quant if self.quant != "none" else ("nf4" if self.peft == "qlora" else "none")
+        """The base's quantization: --quant, else NF4 for QLoRA (--quant none = the config's 'auto')."""
+        return resolve_quantization(self.peft, self.quant if self.quant != "none" else "auto")
 
     @property
     def world(self) -> int:
@@ -135,8 +137,6 @@ class MemoryEstimate:
         return None if not self.setup.host_mem else self.host_ram_per_node() <= self.setup.host_mem
 
     def as_dict(self) -> dict:
-        from .models import total_params
-
         w = self.worst_rank
         return {
             "schema_version": 1,
@@ -190,21 +190,13 @@ def validate(d: ModelDims, s: TrainingSetup) -> None:
     if (s.tp > 1 or s.pp > 1 or s.seq_len) and d.raw_params and not (d.hidden and d.layers):
         errs.append("--params without --hidden and --layers: tp/pp splits and activations need the model dims; "
                     "pass --hidden H --layers L (and --heads, --vocab) or use --model")
-    if s.offload_param != "none" and s.zero != 3:
-        errs.append(f"zero.offload_param={s.offload_param} needs zero.stage=3 (got {s.zero})")
-    if s.offload_optimizer != "none" and s.zero == 0:
-        errs.append(f"zero.offload_optimizer={s.offload_optimizer} needs zero.stage >= 1")
-    if s.backend == "native" and "nvme" in (s.offload_optimizer, s.offload_param):
-        errs.append("NVMe offload is DeepSpeed's (ZeRO-Infinity): set zero.backend=deepspeed")
-    if s.backend == "native" and s.zero != 3 and "cpu" in (s.offload_optimizer, s.offload_param):
-        errs.append("the native backend offloads to CPU with FSDP2 CPUOffloadPolicy at zero.stage=3 only; "
-                    "set zero.stage=3 or zero.backend=deepspeed")
+    errs.extend(offload_errors(s.backend, s.zero, s.offload_optimizer, s.offload_param))
     if s.quant != "none" and s.peft == "none":
         errs.append(f"--quant={s.quant}: a quantized base cannot be fully fine-tuned; add --peft lora")
     if s.peft != "none" and d.raw_params:
         errs.append("--peft needs the model dims (per-linear adapter sizes): use --model")
-    if s.pp_schedule not in ("1f1b", "gpipe", "interleaved_1f1b"):
-        errs.append(f"parallel.pp_schedule={s.pp_schedule}: use 1f1b or gpipe")
+    if s.pp_schedule not in SCHEDULES:
+        errs.append(f"parallel.pp_schedule={s.pp_schedule}: use {', '.join(SCHEDULES)}")
     if errs:
         raise ConfigError(errs)
 
@@ -350,7 +342,7 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
                 optim = master = 0.0
                 if z >= 2:  # DeepSpeed keeps the fp32 grad partitions in (pinned) host memory
                     r.cpu_offload += trainable * 4 / dp
-                    grads = 0.0 if z >= 2 else grads
+                    grads = 0.0
             if s.offload_param != "none":
                 dest = "cpu_offload" if s.offload_param == "cpu" else "nvme_offload"
                 setattr(r, dest, getattr(r, dest) + params)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from trellis.configs.validate import offload_errors
 from trellis.errors import ConfigError
 
 from .estimator import MemoryEstimate, TrainingSetup, estimate
@@ -117,7 +118,7 @@ def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0)
         for pp in [p for p in range(1, (d.layers or 1) + 1) if gpus % (tp * p) == 0 and p <= 16]:
             dp = gpus // (tp * pp)
             for zero in (0, 1, 2, 3):
-                offloads = ["none"] + (["cpu"] if zero >= 1 and (base.backend == "deepspeed" or zero == 3) else [])
+                offloads = ["none"] + (["cpu"] if not offload_errors(base.backend, zero, "cpu", "none") else [])
                 for off in offloads:
                     for ac in ("none", "selective", "full"):
                         for mb in (1, 2, 4, 8):

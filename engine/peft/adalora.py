@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import torch
 
+from trellis.configs.validate import adalora_layout_errors
 from trellis.errors import ConfigError
+
+from .inject import build_peft_config
 
 ADAPTER = "default"
 
 
 def check_layout(cfg, tp: int, pp: int) -> None:
     """ConfigError unless the resolved layout is one where the rank allocator sees whole tensors and grads."""
-    from trellis.configs.validate import adalora_layout_errors
-
     errors = adalora_layout_errors(cfg, tp, pp)
     if errors:
         raise ConfigError(errors)
@@ -74,10 +75,6 @@ class AdaLora:
         AdaLoraModel.update_and_allocate(self, self.step)
         self.step += 1
 
-    def active_ranks(self) -> dict[str, int]:
-        """Non-zero lora_E entries per adapted module (the ranks the budget left)."""
-        return {n: int((p != 0).sum()) for n, p in self.model.named_parameters() if f"lora_E.{ADAPTER}" in n}
-
     # ---- checkpoint state (replicated plain tensors: DCP saves one copy, loads on every rank) -----------
     def state(self) -> dict[str, torch.Tensor]:
         """Tensors to save and, filled in place by DCP, to load: step, importance EMAs, the final rank
@@ -110,6 +107,4 @@ def build(cfg, spec, model: torch.nn.Module, tp: int, pp: int) -> AdaLora | None
     if cfg.peft.method != "adalora":
         return None
     check_layout(cfg, tp, pp)
-    from .inject import build_peft_config
-
     return AdaLora(model, build_peft_config(cfg, spec, cfg.train.steps))

@@ -7,19 +7,26 @@ frozen, so only adapter parameters reach grads, the optimizer and checkpoints' t
 Adapter init draws from a generator seeded by `adapter_seed(cfg)` right before injection, so every rank
 (and a 1-process peft reference seeded the same way) creates bit-identical adapters whatever ran before.
 QLoRA: with tp == 1 the decoder-block linears are quantized to 4 bit before injection; with tp > 1 they
-are tagged and the LoRA-aware TP plan quantizes each rank's shard (engine/quantize.py).
+are tagged and the LoRA-aware TP plan quantizes each rank's shard (parallel/quant4bit.py).
 Prompt tuning / P-tuning / prefix tuning / P-tuning v2 attach peft's prompt module in place
-(engine/peft_prompt.py; per-layer K/V prefixes are refused under pipeline parallel with a clear error).
+(engine/peft/prompt.py; per-layer K/V prefixes are refused under interleaved 1F1B with a clear error) and the
+injector returns the `PromptHooks` parallelize() passes to the pipeline stages (None for adapter methods).
 """
 
 from __future__ import annotations
 
 import torch
 
+from trellis.configs.schema import PEFT_PROMPT_METHODS
 from trellis.errors import ConfigError
+from trellis.parallel.prompt_hooks import PromptHooks
+from trellis.parallel.quant4bit import mark_for_tp_quantization, quantize_blocks
+
+from .prompt import attach_prompt_learning
+from .quantize import quant_spec
 
 INJECTABLE = ("lora", "rslora", "dora", "qlora", "ia3", "lokr", "loha", "adalora", "hra")
-PROMPT_LEARNING = ("prefix", "prompt", "ptuning", "ptuning_v2")
+PROMPT_LEARNING = PEFT_PROMPT_METHODS
 
 
 def _require_peft():
@@ -70,25 +77,21 @@ def adapter_seed(cfg) -> int:
 
 
 def make_injector(cfg):
-    """`inject(model, spec)` for parallelize(): adds adapters in place and freezes the base."""
+    """`inject(model, spec) -> PromptHooks | None` for parallelize(): adds adapters (or the prompt module) in
+    place and freezes the base; prompt learning returns what the pipeline stages need to know."""
 
-    def inject(model: torch.nn.Module, spec) -> None:
+    def inject(model: torch.nn.Module, spec) -> PromptHooks | None:
+        _require_peft()
         from peft import inject_adapter_in_model
         from peft.tuners.tuners_utils import cast_adapter_dtype
 
-        from trellis.parallel.quant4bit import mark_for_tp_quantization, quantize_blocks
-
-        from .quantize import quant_spec
-
         if cfg.peft.method in PROMPT_LEARNING:
-            from .prompt import attach_prompt_learning
-
             if quant_spec(cfg) is not None:
                 raise ConfigError(f"peft.method={cfg.peft.method!r} with peft.quantize_base: use 'qlora' for a 4-bit base")
-            attach_prompt_learning(model, spec, cfg, adapter_seed(cfg))
+            hooks = attach_prompt_learning(model, spec, cfg, adapter_seed(cfg))
             for n, prm in model.named_parameters():
                 prm.requires_grad_(n.startswith("peft_prompt."))
-            return
+            return hooks
         pc = build_peft_config(cfg, spec, cfg.train.steps)
         q = quant_spec(cfg)
         if q is not None:
@@ -106,6 +109,7 @@ def make_injector(cfg):
             prm.requires_grad_(_is_adapter_param(n))
         if not any(prm.requires_grad for prm in model.parameters()):
             raise ConfigError(f"peft.target_modules={pc.target_modules}: no module of the model matched")
+        return None
 
     return inject
 

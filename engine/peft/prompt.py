@@ -10,12 +10,12 @@ and add two hooks:
     the labels and the engine's loss is unchanged.
 Under tensor parallel the embedding output is replicated, so the prompt module is a plain replicated
 parameter whose gradient is the same on every tp rank. Under pipeline parallel the stage forward does not
-call the decoder stack, so the model also carries `trellis_input_prefix` (called by the first stage right
-after the token embedding, before position embeddings / input norms, as HF does with inputs_embeds) and
-`trellis_first_stage_only` (the prompt module lives on the first stage only); the LM-head hook fires on the
-last stage, and the activations between stages carry seq_len + num_virtual_tokens positions (the pipeline
-infers its P2P shapes from the first micro-batch). Prefix tuning / P-tuning v2: see attach_prefix (dp, tp
-and pp; not interleaved 1F1B).
+call the decoder stack, so attaching returns a `PromptHooks` (parallel/prompt_hooks.py) that the backend
+passes to parallelize(): `input_prefix` (called by the first stage right after the token embedding, before
+position embeddings / input norms, as HF does with inputs_embeds) and `first_stage_only` (the prompt module
+lives on the first stage only); the LM-head hook fires on the last stage, and the activations between stages
+carry seq_len + num_virtual_tokens positions (the pipeline infers its P2P shapes from the first
+micro-batch). Prefix tuning / P-tuning v2: see attach_prefix (dp, tp and pp; not interleaved 1F1B).
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from trellis.configs.schema import PEFT_PREFIX_METHODS
 from trellis.errors import ConfigError
-from trellis.parallel.hf_compat import cache_kwarg
-
 from trellis.parallel.collectives import sum_grad_over
+from trellis.parallel.hf_compat import cache_kwarg
+from trellis.parallel.prompt_hooks import PromptHooks
 
 PROMPT_MODULE = "peft_prompt"
 
@@ -43,7 +44,7 @@ def prompt_config(cfg, hf_config):
         return peft.PromptTuningConfig(**common)
     if p.method == "ptuning":
         return peft.PromptEncoderConfig(encoder_hidden_size=hf_config.hidden_size, **common)
-    if p.method in ("prefix", "ptuning_v2"):
+    if p.method in PEFT_PREFIX_METHODS:
         from peft.utils.other import _prepare_prompt_learning_config
 
         # P-tuning v2 = prefix tuning with the prefix reparameterised by a 2-layer MLP (prefix_projection).
@@ -56,7 +57,7 @@ def prompt_config(cfg, hf_config):
 
 
 def is_prefix(cfg) -> bool:
-    return cfg.peft.method in ("prefix", "ptuning_v2")
+    return cfg.peft.method in PEFT_PREFIX_METHODS
 
 
 def check_layout(cfg) -> None:
@@ -68,8 +69,9 @@ def check_layout(cfg) -> None:
         raise ConfigError(f"peft.method={cfg.peft.method!r} does not support parallel.sequence_parallel; set it false")
 
 
-def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
-    """Add the prompt module and hooks to `model` (an HF *ForCausalLM, unpartitioned). Returns the module."""
+def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> PromptHooks:
+    """Add the prompt module and hooks to `model` (an HF *ForCausalLM, unpartitioned). Returns what the
+    partitioner needs to know (for parallelize())."""
     import peft
 
     check_layout(cfg)
@@ -99,9 +101,7 @@ def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
     stack.register_forward_pre_hook(prepend_virtual_tokens, with_kwargs=True)
     model.get_submodule(spec.lm_head).register_forward_pre_hook(drop_virtual_positions, prepend=True)
     # for parallel/pipeline.py: the first stage embeds itself (the stack hook above never fires there)
-    model.trellis_input_prefix = with_virtual_tokens
-    model.trellis_first_stage_only = (PROMPT_MODULE,)
-    return enc
+    return PromptHooks(input_prefix=with_virtual_tokens, first_stage_only=(PROMPT_MODULE,))
 
 
 def with_virtual_tokens(root: nn.Module, tok: torch.Tensor) -> torch.Tensor:
@@ -114,16 +114,16 @@ def with_virtual_tokens(root: nn.Module, tok: torch.Tensor) -> torch.Tensor:
 
 # ---- prefix tuning / P-tuning v2: per-layer key/value prefixes ---------------------------------------
 
-def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
+def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> PromptHooks:
     """peft's PrefixEncoder under `peft_prompt`, and a pre-hook on the decoder stack that passes its output
     as `past_key_values` (built as PeftModelForCausalLM.get_prompt does), so HF itself offsets the positions
     by num_virtual_tokens and lets every token attend to the prefix.
     Under tensor parallel each rank keeps the prefix heads of its own k/v projection shard (contiguous kv
     heads, like the colwise k_proj/v_proj); the replicated encoder's gradient is summed over tp.
     Under pipeline parallel every stage holds a replica of the encoder and uses the prefixes of its own
-    (global) layer indices; the stage forward (parallel/stage_forward.py) calls `trellis_kv_prefix` and
-    offsets positions and the causal mask by `trellis_prefix_len`, and the pipeline sums the replicas'
-    gradients over pp before the step (`trellis_pp_replicated`)."""
+    (global) layer indices; the stage forward (parallel/stage_forward.py) calls `PromptHooks.kv_prefix` and
+    offsets positions and the causal mask by `prefix_len`, and the pipeline sums the replicas' gradients over
+    pp before the step (`pp_replicated`). parallelize() binds the tp mesh (`bind_tp_mesh`)."""
     import peft
 
     pc = prompt_config(cfg, model.config)
@@ -132,32 +132,38 @@ def attach_prefix(model: nn.Module, spec, cfg, seed: int) -> nn.Module:
         enc = peft.tuners.prefix_tuning.PrefixEncoder(pc)
     model.add_module(PROMPT_MODULE, enc)
     heads = pc.num_attention_heads
-    enc.trellis_kv_shape = (pc.num_virtual_tokens, pc.num_layers * 2, heads, pc.token_dim // heads)
-    enc.trellis_tp_mesh = None  # set by parallelize() when tensor parallel is on
+    shape = (pc.num_virtual_tokens, pc.num_layers * 2, heads, pc.token_dim // heads)
+    tp = {"mesh": None}  # bound by parallelize() when tensor parallel is on
+
+    def prefix_of(root: nn.Module, b: int, device) -> PrefixCache:
+        return kv_prefix(root, b, device, shape, tp["mesh"])
+
+    def bind_tp_mesh(mesh) -> None:
+        tp["mesh"] = mesh
+
     stack = model.get_submodule(spec.layers.rsplit(".", 1)[0])
     cache_arg = cache_kwarg(stack)  # `cache` from transformers 5.24, `past_key_values` before
 
     def add_prefix_cache(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs["inputs_embeds"]
-        kwargs[cache_arg] = kv_prefix(model, ref.shape[0], ref.device)
+        kwargs[cache_arg] = prefix_of(model, ref.shape[0], ref.device)
         return args, kwargs
 
     stack.register_forward_pre_hook(add_prefix_cache, with_kwargs=True)
     # for parallel/pipeline.py and parallel/stage_forward.py (the stage forward never calls the stack)
-    model.trellis_kv_prefix = kv_prefix
-    model.trellis_prefix_len = pc.num_virtual_tokens
-    model.trellis_pp_replicated = (PROMPT_MODULE,)
-    return enc
+    return PromptHooks(kv_prefix=prefix_of, prefix_len=pc.num_virtual_tokens, pp_replicated=(PROMPT_MODULE,),
+                       bind_tp_mesh=bind_tp_mesh)
 
 
-def kv_prefix(root: nn.Module, b: int, device) -> "PrefixCache":
+def kv_prefix(root: nn.Module, b: int, device, shape: tuple[int, int, int, int], tp_mesh=None) -> "PrefixCache":
     """The key/value prefix cache of every layer for a batch of `b`, from the encoder of `root` (the model
-    or a pipeline stage); under tensor parallel, this rank's kv heads."""
+    or a pipeline stage); `shape` = (virtual tokens, 2 x layers, kv heads, head dim); under tensor parallel
+    (`tp_mesh`), this rank's kv heads."""
     enc = root.get_submodule(PROMPT_MODULE)
-    n, kv_layers, heads, head_dim = enc.trellis_kv_shape
+    n, kv_layers, heads, head_dim = shape
     kv = enc(torch.arange(n, device=device).unsqueeze(0).expand(b, n)).view(b, n, kv_layers, heads, head_dim)
-    mesh = enc.trellis_tp_mesh
+    mesh = tp_mesh
     if mesh is not None:
         kv = sum_grad_over(kv, mesh.get_group())
         tp, r = mesh.size(), mesh.get_local_rank()

@@ -1,13 +1,24 @@
-"""Per-family specs (tensor-parallel plan + structure for the pipeline split), as data."""
+"""Per-family specs (tensor-parallel plan, structure for the pipeline split, config keys and block linears),
+as data: one file per family, each with a module-level `SPEC`; this package finds them (adding a family is
+one file)."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from trellis.errors import ConfigError
 
-from . import bloom, gpt2, gpt_neox, llama, opt
 from .base import FamilySpec
 
-FAMILIES: tuple[FamilySpec, ...] = (llama.SPEC, gpt2.SPEC, opt.SPEC, bloom.SPEC, gpt_neox.SPEC)
+
+def _discover() -> tuple[FamilySpec, ...]:
+    mods = (importlib.import_module(f"{__name__}.{m.name}") for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
+            if m.name not in ("base", "dims"))
+    return tuple(m.SPEC for m in mods if isinstance(getattr(m, "SPEC", None), FamilySpec))
+
+
+FAMILIES: tuple[FamilySpec, ...] = _discover()
 
 
 def supported_model_types() -> list[str]:

@@ -2,11 +2,14 @@
 
 Structure (where the embedding, decoder blocks, final norm and head live) drives the pipeline split and
 activation checkpointing; `tp_plan` maps module paths *inside one decoder block* to a tensor-parallel
-style. Shared code in parallel/tensor_parallel.py and parallel/pipeline.py applies them.
+style. Shared code in parallel/tensor_parallel.py and parallel/pipeline.py applies them. `read_dims` and
+`linears` describe the family's sizes (parallel/models/dims.py: parallelize's checks and the memory
+estimator read them). Adding a family is one file in parallel/models/ with a `SPEC`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -39,3 +42,9 @@ class FamilySpec:
     # "gather" - a module whose first input (positional, or the `hidden_states` keyword) is all-gathered
     # over the sequence before its column-parallel projections. Empty: the family has no SP plan.
     sp_plan: dict[str, str] = field(default_factory=dict)
+    # The HF config keys of this family: read_dims(reader) -> ModelDims fields (parallel/models/dims.py).
+    read_dims: Callable | None = field(default=None, compare=False)
+    # The decoder block's linears as the HF model has them (before parallel/hf_surgery.py): (path, fan_in,
+    # fan_out, bias) with sizes "hidden", "ffn", "q" (heads x head_dim), "kv" (kv heads x head_dim) or "3*hidden",
+    # and bias True or the ModelDims flag that says. Their TP style is the tp_plan's.
+    linears: tuple[tuple[str, str, str, bool | str], ...] = ()

@@ -6,6 +6,20 @@ sequence dim is gone where the MLP would have to all-gather it.
 
 from .base import FamilySpec
 
+
+def _dims(c) -> dict:
+    h = c.require("hidden_size")
+    heads = c.require("num_attention_heads")
+    proj = int(c.get("word_embed_proj_dim", default=h))
+    bias = c.flag("enable_bias", True)
+    final = c.flag("do_layer_norm_before", True) and not c.c.get("_remove_final_layer_norm", False)
+    return dict(hidden=h, layers=c.require("num_hidden_layers"), heads=heads, kv_heads=heads, head_dim=h // heads,
+                ffn=c.require("ffn_dim"), tied=c.flag("tie_word_embeddings", True),
+                pos_embeddings=int(c.get("max_position_embeddings", default=2048)) + 2,  # offset 2
+                norm="layer", qkv_bias=bias, o_bias=bias, mlp_bias=bias, gated_mlp=False,
+                act=c.get("activation_function", default="relu"), proj_dim=proj if proj != h else 0, final_norm=final)
+
+
 SPEC = FamilySpec(
     name="opt",
     model_types=("opt",),
@@ -24,4 +38,8 @@ SPEC = FamilySpec(
         "fc2": "rowwise",
     },
     default_lora_targets=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    read_dims=_dims,
+    linears=(("self_attn.q_proj", "hidden", "hidden", "qkv_bias"), ("self_attn.k_proj", "hidden", "hidden", "qkv_bias"),
+             ("self_attn.v_proj", "hidden", "hidden", "qkv_bias"), ("self_attn.out_proj", "hidden", "hidden", "o_bias"),
+             ("fc1", "hidden", "ffn", "mlp_bias"), ("fc2", "ffn", "hidden", "mlp_bias")),
 )

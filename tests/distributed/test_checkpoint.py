@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trellis.engine.checkpoint.checkpointer import io
+from trellis.engine.checkpoint import io
 from trellis.engine.checkpoint.convert import full_model_state
 
 pytestmark = pytest.mark.distributed

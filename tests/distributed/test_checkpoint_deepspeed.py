@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trellis.engine.checkpoint.checkpointer import io
+from trellis.engine.checkpoint import io
 
 pytestmark = pytest.mark.distributed
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import LlamaConfig
 
-from trellis.engine.checkpoint.checkpointer import io
+from trellis.engine.checkpoint import io
 from trellis.engine.checkpoint.checkpointer import check_compatible, model_signature
 from trellis.errors import CheckpointError
 
@@ -86,10 +86,10 @@ def test_other_model_lists_every_mismatch():
                         num_key_value_heads=4, vocab_size=256)
     other = LlamaConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                         num_key_value_heads=4, vocab_size=256)
-    trainer = SimpleNamespace(hf_config=small, cfg=SimpleNamespace(peft=SimpleNamespace(method="none")))
-    check_compatible({"model": model_signature(small), "peft": "none"}, trainer)  # same model: fine
+    cfg = SimpleNamespace(peft=SimpleNamespace(method="none"))
+    check_compatible({"model": model_signature(small), "peft": "none"}, small, cfg)  # same model: fine
     with pytest.raises(CheckpointError) as e:
-        check_compatible({"model": model_signature(other), "peft": "lora"}, trainer)
+        check_compatible({"model": model_signature(other), "peft": "lora"}, small, cfg)
     text = str(e.value)
     assert "hidden_size: checkpoint 128 != this run 64" in text
     assert "num_layers: checkpoint 4 != this run 2" in text

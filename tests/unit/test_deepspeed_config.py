@@ -13,7 +13,7 @@ import pytest
 
 from trellis import configs
 from trellis.engine.backends import deepspeed as dsb
-from trellis.engine.backends import ds_ops
+from trellis.engine.backends import check_supported, ds_ops
 from trellis.errors import ConfigError
 
 
@@ -104,7 +104,9 @@ def test_fp16_refused_with_fix_when_the_machine_lacks_fp16(monkeypatch):
     msg = e.value.messages[0]
     assert "precision.dtype='fp16'" in msg and "precision.dtype='bf16'" in msg and "zero.backend='native'" in msg
     dsb.check_precision_supported(_cfg(**{"precision.dtype": "bf16"}), "cpu")  # no error
-    dsb.check_precision_supported(configs.load("tiny-llama", {"precision.dtype": "fp16"}), "cpu")  # native: fine
+    check_supported(configs.load("tiny-llama", {"precision.dtype": "fp16"}))  # native: fine
+    with pytest.raises(ConfigError):  # the backend factory's check reaches DeepSpeed's
+        check_supported(_cfg(**{"precision.dtype": "fp16"}))
 
 
 def test_fp16_support_check_agrees_with_deepspeed_cpu_accelerator():

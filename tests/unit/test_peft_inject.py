@@ -62,14 +62,14 @@ def test_prefix_pipeline_stages_compose_to_the_whole_model(family, method):
     full = _model(cfg)
     spec = family_for(full.config.model_type)
     prepare_model(full, spec)
-    make_injector(cfg)(full, spec)
+    hooks = make_injector(cfg)(full, spec)  # the PromptHooks parallelize() hands to the stages
     ids = torch.randint(0, full.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     want = full(input_ids=ids).logits
     want.square().sum().backward()
     want_grads = {n: p.grad.clone() for n, p in full.named_parameters() if p.requires_grad}
     full.zero_grad(set_to_none=True)
     ranges = split_layers(len(full.get_submodule(spec.layers)), 2, "even")
-    stages = [build_stage_module(copy.deepcopy(full), spec, i, 2, ranges[i]) for i in range(2)]
+    stages = [build_stage_module(copy.deepcopy(full), spec, i, 2, ranges[i], hooks) for i in range(2)]
     h = stages[0](ids)
     h_in = h.detach().requires_grad_()
     got = stages[1](h_in)

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args) -> int:
-    from trellis.engine.checkpoint.checkpointer import io
+    from trellis.engine.checkpoint import io
     from trellis.engine.metrics import fmt_bytes
 
     root = Path(args.dir)
@@ -45,7 +45,7 @@ def _list(args) -> int:
 
 
 def _inspect(args) -> int:
-    from trellis.engine.checkpoint.checkpointer import io
+    from trellis.engine.checkpoint import io
     from trellis.engine.metrics import fmt_bytes
 
     path = Path(args.path)

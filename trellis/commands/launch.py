@@ -44,9 +44,7 @@ def build_spec(args) -> "LaunchSpec":  # noqa: F821 - imported lazily below
         raise UserError(f"--nnodes={nnodes} must be at least 1")
     nproc = args.nproc_per_node or cfg.launcher.nproc_per_node
     if not nproc:
-        world = 1
-        for v in (cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp):
-            world *= max(v, 1)
+        world = cfg.parallel.world_size()
         if world % nnodes:
             raise UserError(f"parallel.dp x pp x tp = {world} ranks do not split over --nnodes={nnodes}; "
                             "pass --nproc-per-node or change the layout")

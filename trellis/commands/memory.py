@@ -55,7 +55,7 @@ def _add_training_args(p: argparse.ArgumentParser, layout: bool) -> None:
         g.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default=None)
         g.add_argument("--micro-batch", type=int, default=None)
         g.add_argument("--grad-accum", type=int, default=None)
-        g.add_argument("--pp-schedule", choices=["1f1b", "gpipe"], default=None)
+        g.add_argument("--pp-schedule", choices=["1f1b", "gpipe", "interleaved_1f1b"], default=None)
         g.add_argument("--sequence-parallel", action="store_true", default=None)
     g.add_argument("--backend", choices=["native", "deepspeed"], default=None,
                    help="ZeRO semantics (default: deepspeed with --params, else the config's / native)")
@@ -96,11 +96,11 @@ def _from_config(path: str) -> dict:
     """Setup fields from a trellis training config (the same TOML `trellis train` reads)."""
     from trellis import configs
 
+    from trellis.configs.validate import base_quantization
+
     cfg = configs.load(path, [])
     peft = cfg.peft.method
-    quant = cfg.peft.quantize_base
-    if quant == "auto":
-        quant = "nf4" if peft == "qlora" else "none"
+    quant = base_quantization(cfg)
     return {"model": cfg.model.path, "dp": max(cfg.parallel.dp, 1), "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
             "zero": cfg.zero.stage, "backend": cfg.zero.backend, "offload_optimizer": cfg.zero.offload_optimizer,
             "offload_param": cfg.zero.offload_param, "precision": cfg.precision.dtype,
