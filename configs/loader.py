@@ -11,9 +11,35 @@ from typing import Any
 
 from trellis.errors import ConfigError
 
+from .deepspeed_json import map_deepspeed_json
 from .schema import TrainConfig
+from .validate import validate
 
 PRESET_DIR = Path(__file__).resolve().parent
+
+# Keys that are not (or no longer) trellis keys, with what to write instead: a renamed or removed key is an
+# error naming its replacement, never silently ignored. A key renamed in the schema moves here.
+RENAMED_KEYS: dict[str, str] = {
+    "train.batch_size": "train.micro_batch_size (sequences per rank and micro-batch) or train.global_batch_size",
+    "train.gradient_accumulation_steps": "train.grad_accum",
+    "train.max_steps": "train.steps",
+    "train.learning_rate": "train.lr",
+    "train.warmup": "train.warmup_steps",
+    "train.max_grad_norm": "train.grad_clip",
+    "precision.mixed_precision": "precision.dtype",
+    "parallel.pipeline_schedule": "parallel.pp_schedule",
+    "parallel.tensor_parallel": "parallel.tp",
+    "parallel.pipeline_parallel": "parallel.pp",
+    "parallel.data_parallel": "parallel.dp",
+    "zero.offload": "zero.offload_optimizer and/or zero.offload_param",
+    "activation_checkpointing.enabled": "activation_checkpointing.mode ('full' or 'selective')",
+    "checkpoint.save_interval": "checkpoint.interval",
+    "checkpoint.keep": "checkpoint.keep_last_k",
+    "peft.lora_r": "peft.r",
+    "peft.lora_alpha": "peft.alpha",
+    "peft.lora_dropout": "peft.dropout",
+    "launcher.nproc": "launcher.nproc_per_node",
+}
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -151,6 +177,9 @@ def build(values: dict[str, Any], source: str = "") -> TrainConfig:
     per_section: dict[str, dict[str, Any]] = {s: {} for s in sections}
     for dotted, v in values.items():
         sec, _, key = dotted.partition(".")
+        if dotted in RENAMED_KEYS:
+            errors.append(f"{dotted}: not a trellis key (renamed or removed); use {RENAMED_KEYS[dotted]}")
+            continue
         if sec not in sections or key not in sections[sec]:
             errors.append(f"{dotted}: unknown key{_did_you_mean(dotted, keys)}")
             continue
@@ -162,8 +191,6 @@ def build(values: dict[str, Any], source: str = "") -> TrainConfig:
         raise ConfigError(errors)
     hints = _hints(TrainConfig)
     cfg = TrainConfig(**{s: hints[s](**kv) for s, kv in per_section.items()}, source=source)
-    from .validate import validate
-
     validate(cfg)
     return cfg
 
@@ -202,8 +229,6 @@ def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None =
         source = str(p)
         values.update(_flatten(read_toml(p), errors))
     if deepspeed_json:
-        from .deepspeed_json import map_deepspeed_json
-
         try:
             values.update(map_deepspeed_json(deepspeed_json))
         except ConfigError as e:

@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trellis.launchers.rank_env import rank_env, share_master_addr_via_mpi
+
 
 @dataclass
 class DistContext:
@@ -33,8 +35,6 @@ def free_port() -> int:
 
 def launcher_rank_env():
     """RankEnv when started by torchrun / deepspeed / mpirun / srun / trellis itself, else None."""
-    from trellis.launchers.rank_env import rank_env, share_master_addr_via_mpi
-
     env = rank_env(os.environ)
     if env is not None and env.master_addr is None:
         env = share_master_addr_via_mpi(env)

@@ -19,6 +19,8 @@ from trellis.errors import UserError
 
 # Seconds the launcher's process group gets to stop after SIGTERM before SIGKILL.
 GRACE_S = 15.0
+# The rendezvous port when none is given (torchrun's and DeepSpeed's default; what a rank reads without MASTER_PORT).
+DEFAULT_PORT = 29500
 
 
 @dataclass(kw_only=True)

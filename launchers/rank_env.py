@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-DEFAULT_PORT = 29500
+from .base import DEFAULT_PORT
 
 
 @dataclass(frozen=True)

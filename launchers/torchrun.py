@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from .base import LaunchSpec, Launcher
-
-DEFAULT_PORT = 29500
+from .base import DEFAULT_PORT, LaunchSpec, Launcher
 
 
 class TorchrunLauncher(Launcher):

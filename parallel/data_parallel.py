@@ -9,7 +9,8 @@ Semantics (what each stage keeps per dp rank; Ψ = trainable parameters on this 
   the gathered params stay between forward and backward (no re-gather in backward).
 - ZeRO-3: FSDP2 `fully_shard(reshard_after_forward=True)`: like ZeRO-2 but params are re-sharded after
   each block's forward and gathered again for backward.
-- CPU offload (ZeRO-3 only natively): FSDP2 CPUOffloadPolicy (params, grads, optimizer step on CPU).
+- CPU offload (ZeRO-3 only natively): FSDP2 CPUOffloadPolicy (params, grads, optimizer step on CPU), in
+  page-locked memory with zero.pin_memory (needs a GPU).
 
 Gradients are always reduced in fp32 and summed (the loss is already normalised by the global token
 count), never averaged.
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from trellis.errors import ConfigError
 
 from .models.base import FamilySpec
 from .quant4bit import is_quantized_param
@@ -109,8 +112,15 @@ class ZeroOneOptimizer:
 def apply_fsdp(model: torch.nn.Module, blocks: list[torch.nn.Module], dp_mesh, *, stage: int, compute_dtype: torch.dtype,
                cpu_offload: bool, pin_memory: bool = False) -> None:
     """ZeRO-2/3 via FSDP2: one FSDP unit per decoder block plus the root (embeddings, norm, head).
-    `pin_memory` (zero.pin_memory): the CPU-offloaded shards in page-locked memory (faster host <-> GPU copies)."""
+    `pin_memory` (zero.pin_memory): the CPU-offloaded shards in page-locked memory (faster host <-> GPU copies).
+    torch can pin only with an accelerator ("Cannot access accelerator device when none is available"), so
+    on a CPU-only machine that is a ConfigError naming the key."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if cpu_offload and pin_memory and not torch.accelerator.is_available():
+        raise ConfigError("zero.pin_memory=true with CPU offload needs an accelerator: page-locked host memory "
+                          "speeds up host <-> GPU copies and torch cannot pin without a GPU; set "
+                          "zero.pin_memory=false on a CPU-only machine")
 
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy(pin_memory=pin_memory) if cpu_offload else OffloadPolicy()

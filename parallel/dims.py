@@ -80,8 +80,10 @@ class ParallelDims:
 
 
 def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int, num_layers: int,
-                        vocab_size: int, intermediate_size: int, micro_batches: int) -> None:
-    """Model-dependent layout rules, checked before any training step; all problems in one error."""
+                        vocab_size: int, intermediate_size: int, micro_batches: int,
+                        pp_schedule: str = "1f1b") -> None:
+    """Model-dependent layout rules (the one home of each), checked before any training step; all problems
+    in one error."""
     e: list[str] = []
     tp, pp = dims.tp, dims.pp
     if tp > 1:
@@ -101,6 +103,11 @@ def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int
         e.append(f"parallel.pp={pp} is more than the model's {num_layers} layers; use at most {num_layers}")
     if pp > 1 and micro_batches < pp:
         e.append(f"train.grad_accum={micro_batches}: pipeline parallel needs >= parallel.pp={pp} micro-batches")
+    if pp > 1 and pp_schedule == "interleaved_1f1b" and (num_layers < 2 * pp or micro_batches % pp):
+        # two virtual stages per rank (rank and rank + pp), fed round-robin
+        e.append(f"parallel.pp_schedule='interleaved_1f1b' needs >= {2 * pp} layers (model has {num_layers}) "
+                 f"and micro-batches (train.grad_accum={micro_batches}) divisible by parallel.pp={pp}; "
+                 "use '1f1b' otherwise")
     if e:
         raise ConfigError(e)
 

@@ -55,7 +55,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
     spec = family_for(model.config.model_type)
     d = dims_from_hf_config(model.config)
     validate_model_dims(dims, num_heads=d.heads, num_kv_heads=d.kv_heads, num_layers=d.layers, vocab_size=d.vocab,
-                        intermediate_size=d.ffn, micro_batches=cfg.train.grad_accum)
+                        intermediate_size=d.ffn, micro_batches=cfg.train.grad_accum,
+                        pp_schedule=cfg.parallel.pp_schedule)
     mesh = dims.mesh
     z = cfg.zero
 

@@ -30,8 +30,8 @@ def split_layers(num_layers: int, pp: int, mode: str, layer_params: list[int] | 
                  first_extra: int = 0, last_extra: int = 0) -> list[range]:
     """Layer ranges per stage: "even" by count, "params" balancing parameter counts (embedding counted on
     the first stage, head on the last), or explicit split points "2,4"."""
-    if pp > num_layers:
-        raise ConfigError(f"parallel.pp={pp} is more than the model's {num_layers} layers")
+    if pp > num_layers:  # refused before: parallel/dims.py validate_model_dims
+        raise ValueError(f"{pp} stages for {num_layers} layers")
     if mode == "even":
         base, rem = divmod(num_layers, pp)
         sizes = [base + (1 if s < rem else 0) for s in range(pp)]
@@ -289,12 +289,9 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
     n = len(layers)
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
     # interleaved 1F1B: 2 virtual stages per rank, stage ids rank and rank + pp (round-robin placement)
+    # (layers and micro-batches for interleaved 1F1B: checked by parallel/dims.py validate_model_dims)
     virtual = 2 if schedule == "interleaved_1f1b" else 1
     num_stages = pp * virtual
-    if virtual > 1 and (n < num_stages or n_microbatches % pp):
-        raise ConfigError(f"parallel.pp_schedule='interleaved_1f1b' needs >= {num_stages} layers (model has {n}) "
-                          f"and micro-batches (train.grad_accum={n_microbatches}) divisible by parallel.pp={pp}; "
-                          "use '1f1b' otherwise")
     layer_params = [sum(p.numel() for p in b.parameters()) for b in layers]
     first_extra = sum(p.numel() for p in model.get_submodule(spec.embed_tokens).parameters())
     last_extra = sum(p.numel() for p in model.get_submodule(spec.lm_head).parameters())

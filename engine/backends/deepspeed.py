@@ -161,12 +161,8 @@ def fp16_supported(device_type: str) -> bool:
     # AttributeError (no such op) or RuntimeError (op not available for this build): that means "no fp16";
     # anything else is a real error and surfaces.
     try:
-        probe = torch.ops.mkldnn._is_mkldnn_fp16_supported
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):
-        return False
-    try:
-        return bool(probe())
-    except RuntimeError:
         return False
 
 

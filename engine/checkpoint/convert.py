@@ -9,8 +9,17 @@ from pathlib import Path
 import torch
 
 from trellis.errors import CheckpointError
+from trellis.parallel.hf_surgery import to_hf_state_dict
 
 from . import io
+
+
+def require_native(path: Path, meta: dict, why: str) -> None:
+    """CheckpointError unless the checkpoint's metadata says the native backend wrote it (DeepSpeed's
+    files are layout-bound and read by DeepSpeed's own tools)."""
+    writer = meta.get("zero", {}).get("backend", "native")
+    if writer != "native":
+        raise CheckpointError(f"{path}: written by the {writer} backend; {why}")
 
 
 def full_sections(path: Path, sections: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
@@ -20,8 +29,7 @@ def full_sections(path: Path, sections: tuple[str, ...]) -> dict[str, dict[str, 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     meta = io.verify(path)
-    if meta.get("zero", {}).get("backend") == "deepspeed":
-        raise CheckpointError(f"{path}: written by the deepspeed backend; convert it with its fp32/universal tools")
+    require_native(path, meta, "convert it with its fp32/universal tools")
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "full.pt"
         dcp_to_torch_save(str(path / "state"), str(out))
@@ -60,8 +68,6 @@ def to_hf(path: Path, out: Path) -> Path:
     config = AutoConfig.for_model(**hf)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    from trellis.parallel.hf_surgery import to_hf_state_dict
-
     sd = to_hf_state_dict(full_model_state(path), config.model_type)
     missing = set(model.state_dict()) - set(sd)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}

@@ -1,7 +1,7 @@
 """Export a PEFT training checkpoint (any layout) as a peft adapter or as a merged HF model directory.
 
 Runs in one process with no process group: DCP reads every rank's shards of the adapter tensors into
-full tensors (checkpoint_convert.full_sections), so a ZeRO-3 / TP / PP checkpoint exports complete
+full tensors (engine/checkpoint/convert.py: full_sections), so a ZeRO-3 / TP / PP checkpoint exports complete
 adapters. The unsharded base is rebuilt from the run's own config (model.path, seed), peft wraps it with
 the run's peft config, the adapters are loaded under their FQNs and peft itself writes its format
 (`adapter_config.json` + `adapter_model.safetensors`, keys `base_model.model.<fqn>` without `.default`).
@@ -26,15 +26,21 @@ from pathlib import Path
 
 import torch
 
+from trellis import configs
 from trellis.errors import CheckpointError, UserError
+from trellis.parallel.models import family_for
+from trellis.parallel.quant4bit import block_linears, dequantized_weight, linear_to_4bit
 
-from .inject import PROMPT_LEARNING
+from ..checkpoint import io
+from ..checkpoint.convert import full_sections, require_native
+from ..model import build_model
+from .inject import PROMPT_LEARNING, build_peft_config
+from .prompt import PROMPT_MODULE, prompt_config
+from .quantize import quant_spec
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory, or a checkpoint root (its latest valid step)."""
-    from ..checkpoint import io
-
     path = Path(path)
     if io.read_metadata(path) is not None:
         return path
@@ -45,22 +51,15 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def _run_config(path: Path, meta: dict):
-    from trellis import configs
-
     cfg = configs.load(str(path / "config.toml"))
     if cfg.peft.method == "none" or meta.get("peft", "none") == "none":
         raise UserError(f"{path}: not a PEFT run (peft.method='none'); use `trellis checkpoint convert --to hf`")
-    if cfg.zero.backend == "deepspeed":
-        raise UserError(f"{path}: written by the deepspeed backend; PEFT export reads native checkpoints")
+    require_native(path, meta, "PEFT export reads native checkpoints")
     return cfg
 
 
 def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
     """Replace the decoder-block linears' weights by the dequantized 4-bit values training used."""
-    from trellis.parallel.quant4bit import block_linears, dequantized_weight, linear_to_4bit
-
-    from .quantize import quant_spec
-
     q = quant_spec(cfg)
     kinds = spec.tp_plan
     for block in model.get_submodule(spec.layers):
@@ -118,14 +117,6 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     """(peft model with the checkpoint's adapters, run config, model dir) on the unsharded fp32 base."""
     from peft import get_peft_model
 
-    from trellis.parallel.models import family_for
-
-    from ..checkpoint import io
-    from ..checkpoint.convert import full_sections
-    from ..model import build_model
-    from .inject import PROMPT_LEARNING, build_peft_config
-    from .quantize import quant_spec
-
     meta = io.verify(path)
     cfg = _run_config(path, meta)
     base, model_dir = build_model(cfg.model, seed=cfg.train.seed)
@@ -137,8 +128,6 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     if dequantized_base and quant_spec(cfg) is not None:
         _dequantize_like_training(base, spec, cfg, int(meta["layout"].get("tp", 1)))
     if prompt:
-        from .prompt import PROMPT_MODULE, prompt_config
-
         pc = prompt_config(cfg, base.config)
     else:
         pc = build_peft_config(cfg, spec, cfg.train.steps)
@@ -167,7 +156,7 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
             own[k].copy_(v.reshape(own[k].shape))
     if cfg.peft.method == "adalora":
         ada = saved["adalora"]
-        if int(ada["has_rank_pattern"].item()):  # engine/peft_adalora.py: keys rank_pattern/<lora_E FQN>
+        if int(ada["has_rank_pattern"].item()):  # engine/peft/adalora.py: keys rank_pattern/<lora_E FQN>
             model.peft_config["default"].rank_pattern = {
                 k.split("/", 1)[1]: v.bool().tolist() for k, v in ada.items() if k.startswith("rank_pattern/")}
     return model, cfg, model_dir

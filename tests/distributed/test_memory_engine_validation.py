@@ -11,10 +11,12 @@ the real trainer (`workers.train_scenarios`, config "tiny-llama", native backend
   checkpointing none / selective / full) and every DeepSpeed case; autocast's 16-bit weight copies
   (counted apart by the meter) against the estimator's buffers line.
 
-Master weights: on the native backend the fp32 trainable params ARE the master weights (engine/amp.py).
-The estimator counts them once, under `params` (master_weights = 0); `memory_report()` additionally lists
-them as `master_weights` when compute is bf16/fp16. The test checks exactly that relation instead of
-double counting.
+Grads and master weights are measured too: `memory_report()` reads the live `.grad` tensors at each step
+(before they are freed) and counts as master weights the tensors the optimizer updates that are not the
+model's parameters. On the native backend the fp32 trainable params ARE the master weights (engine/amp.py):
+the estimator counts them once, under `params` (master_weights = 0), and the measurement finds no other
+copy; both are compared like the other states. `test_grads_are_measured_from_live_tensors` drops one
+gradient after the step and checks the report sees it (a figure derived from parameter sizes would not).
 
 Every run prints measured vs estimated numbers (pytest -s to see them).
 """
@@ -120,16 +122,42 @@ def test_model_states_match_engine(runs, name):
     bad = []
     for rank, mem in enumerate(by_name[name]):
         line = [f"dp{dp} {name:16s} rank{rank}"]
-        for key in ("params", "grads", "optimizer_states"):
+        for key in ("params", "grads", "optimizer_states", "master_weights"):
             e, m = getattr(est, key), mem[key]
             line.append(f"{key} est {e:.0f} meas {m} ({_rel(e, m):+.2%})")
-            if abs(e - m) > 0.05 * m:
+            if abs(e - m) > 0.05 * m or (m == 0 and e != 0) or (key == "grads" and m == 0):
                 bad.append(line[-1])
         print(" | ".join(line))
-        # native: fp32 trainable params are the master weights, counted once (under params).
-        assert est.master_weights == 0
-        assert mem["master_weights"] == (mem["trainable_params"] if ov["precision.dtype"] != "fp32" else 0)
     assert not bad, f"dp{dp} {name}: " + "; ".join(bad)
+
+
+def drop_a_grad_after_the_step(trainer, rank) -> None:
+    """Scenario hook: after each optimizer step free one gradient (what a parameter without a gradient looks
+    like) and note the live gradient bytes the backend should then report."""
+    from tests.support.memory_measure import grad_bytes
+
+    backend = trainer.backend
+    opt = backend.optimizer
+    inner = opt.step
+    seen: list[int] = []
+
+    def step(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        backend.params[0].grad = None
+        seen.append(grad_bytes(backend.module))
+        return out
+
+    opt.step = step
+    report = backend.memory_report
+    backend.memory_report = lambda: {**report(), "live_grads_after_step": max(seen)}
+
+
+@pytest.mark.timeout(300)
+def test_grads_are_measured_from_live_tensors():
+    sc = {"overrides": {**BASE, "parallel.dp": 1, "precision.dtype": "fp32", "zero.stage": 0},
+          "hook": drop_a_grad_after_the_step}
+    mem = run_ranks(1, train_scenarios, [sc], timeout=250)[0][0]["memory"]
+    assert 0 < mem["grads"] == mem["live_grads_after_step"] < mem["trainable_params"], mem
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 Each layout builds a tiny HF model, runs one real forward/backward/optimizer step, measures params and
 grads from live tensors (DTensor local shards), optimizer state from `optimizer.state`, and activations as
-the unique storages saved for backward (saved-tensor hooks), then compares with `engine.memory.estimate`:
+the unique storages saved for backward (saved-tensor hooks), then compares with `engine.memory.estimator.estimate`:
 model states within ±5 %, activations (+ the fp32 log-probs) within ±10 %.
 
 Layouts today: 1 process full fine-tuning (5 families), 1 process LoRA, 2-rank gloo dp with a plain grad

@@ -2,7 +2,7 @@
 peft's format for HF's fused Conv1D c_attn (issue 6).
 
 trellis trains GPT-2 with c_attn unfused into q/k/v Linears (so tensor parallel can shard each), each with
-its own LoRA; export re-fuses them (rank m·r, block-diagonal B; engine/peft_export.py). The reference is
+its own LoRA; export re-fuses them (rank m·r, block-diagonal B; engine/peft/export.py). The reference is
 peft's LoRA on the same unfused model (the targets trellis uses), seeded like the engine. One spawned
 group of 2 ranks runs both scenarios:
   - tp2 LoRA on the default targets (c_attn.q/k/v, c_proj, c_fc);

@@ -44,3 +44,40 @@ def train_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
         out.append({"records": losses, "state": full if rank == 0 else None,
                     "summary": summary, "param_dtypes": dtypes, "memory": trainer.backend.memory_report()})
     return out
+
+
+def train_outcomes(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
+    """Per scenario: the UserError messages training stopped with, or the summary and the checkpoint steps
+    saved. `signal_at_step: N` sends this process SIGUSR1 during step N (a job scheduler's warning)."""
+    import os
+    import signal
+
+    from trellis import configs
+    from trellis.engine.distributed import init_distributed
+    from trellis.engine.trainer import Trainer
+    from trellis.errors import UserError
+
+    ctx = init_distributed(120.0)
+    out = []
+    for sc in scenarios:
+        try:
+            cfg = configs.load(sc.get("config", "tiny-llama"), dict(sc["overrides"]))
+            trainer = Trainer(cfg, ctx)
+            at = sc.get("signal_at_step")
+            if at:
+                inner = trainer.backend.train_step
+
+                def step(batches, lr, inner=inner, at=at, trainer=trainer):
+                    if trainer.step + 1 == at:
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    return inner(batches, lr)
+
+                trainer.backend.train_step = step
+            summary = trainer.train()
+        except UserError as e:
+            out.append({"error": e.messages})
+            continue
+        root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+        saved = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if p.is_dir()) if root and root.is_dir() else []
+        out.append({"summary": summary, "saved": saved})
+    return out

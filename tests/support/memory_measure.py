@@ -1,6 +1,6 @@
 """Measure per-rank memory from live objects, in the same keys as the estimator's JSON.
 
-Used to validate `engine.memory` against reality: parameters and gradients from live tensors (DTensor
+Used to validate `engine/memory/estimator.py` against reality: parameters and gradients from live tensors (DTensor
 shards via `.to_local()`), optimizer state by walking `optimizer.state`, and activations as the bytes of the
 unique storages autograd saves for backward (`torch.autograd.graph.saved_tensors_hooks`). Parameter
 storages are excluded from activations: autograd saves weights by reference, they are not new memory.

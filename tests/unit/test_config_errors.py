@@ -52,8 +52,39 @@ def test_bad_override_names_field_and_exits_2(override, field, capsys):
     assert all(line.startswith("error: ") for line in err.strip().splitlines()), err
 
 
-def test_more_than_twenty_distinct_malformed_configs():
-    assert len(BAD_OVERRIDES) + len(BAD_TOML) >= 20 and len(BAD_OVERRIDES) >= 20
+def test_malformed_configs_hit_distinct_rules():
+    """The tables above exercise over twenty different rules: every entry fails with a message of its own (two
+    entries with the same message would test one rule twice)."""
+    def first_error(**kw) -> str:
+        with pytest.raises(ConfigError) as e:
+            configs.load(**kw)
+        return e.value.messages[0]
+
+    msgs = [first_error(path="configs/tiny-llama.toml", overrides=o.split()) for o, _ in BAD_OVERRIDES]
+    assert len(set(msgs)) == len(msgs) >= 20, msgs
+    assert all(field in m for m, (_, field) in zip(msgs, BAD_OVERRIDES)), msgs
+
+
+@pytest.mark.parametrize("old,new", [("train.gradient_accumulation_steps", "train.grad_accum"),
+                                     ("peft.lora_r", "peft.r"), ("train.max_steps", "train.steps")])
+def test_renamed_key_names_its_replacement(old, new):
+    from trellis.configs.loader import RENAMED_KEYS
+
+    with pytest.raises(ConfigError) as e:
+        configs.load("tiny-llama", [f"--{old}=2"])
+    assert f"{old}: not a trellis key" in e.value.messages[0] and new in e.value.messages[0]
+    # the table names real keys only, and none of its old names is (still) a key
+    keys = set(configs.all_keys())
+    assert not set(RENAMED_KEYS) & keys
+    for hint in RENAMED_KEYS.values():
+        assert any(k in keys for k in hint.replace(",", " ").split()), hint
+
+
+def test_renamed_key_in_a_toml_file(tmp_path):
+    f = tmp_path / "old.toml"
+    f.write_text("[train]\nlearning_rate = 1e-3\n")
+    with pytest.raises(ConfigError, match="train.learning_rate: not a trellis key.*use train.lr"):
+        configs.load(str(f))
 
 
 BAD_TOML = [

@@ -170,3 +170,22 @@ def test_stock_json_contradicted_by_an_override_is_an_error(tmp_path):
     assert "zero_optimization.stage=2 != zero.stage=3" in msgs and "enables bf16" in msgs
     ok = configs.load("tiny-llama", {}, deepspeed_json=str(path))
     assert dsb.build_ds_config(ok, dp=1)["zero_optimization"]["stage"] == 2
+
+
+def test_fp16_probe_only_a_missing_op_means_unsupported(monkeypatch):
+    """The CPU fp16 probe: a missing mkldnn op (AttributeError / RuntimeError) means 'no fp16'; any other
+    exception is a real error and surfaces instead of turning into 'fp16 unsupported'."""
+    import torch
+
+    def raises(exc):
+        def probe():
+            raise exc
+        return probe
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", raises(RuntimeError("op not built")))
+    assert dsb.fp16_supported("cpu") is False
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", raises(ValueError("a bug in the probe")))
+    with pytest.raises(ValueError, match="a bug in the probe"):
+        dsb.fp16_supported("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", raises(AttributeError("no such op")))
+    assert dsb.fp16_supported("cpu") is False

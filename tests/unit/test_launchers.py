@@ -118,3 +118,19 @@ def test_cli_layout_that_does_not_split_over_nodes(capsys, repo, monkeypatch):
     monkeypatch.chdir(repo)
     assert main(["launch", "--launcher", "torchrun", "configs/tiny-llama.toml", "--nnodes", "3", "--dry-run"]) == 2
     assert "--nnodes=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,first", [("deepspeed", "deepspeed"), ("srun", "srun"), ("auto", "torchrun"),
+                                        ("standalone", "torchrun")])
+def test_cli_default_launcher_is_the_config_launcher_name(capsys, repo, monkeypatch, name, first):
+    """Without --launcher, `launcher.name` picks the launcher ('auto' / 'standalone': torchrun)."""
+    monkeypatch.chdir(repo)
+    assert main(["launch", "configs/tiny-llama.toml", "--dry-run", f"--launcher.name={name}"]) == 0
+    assert capsys.readouterr().out.split()[0] == first
+
+
+def test_cli_launcher_flag_wins_over_the_config(capsys, repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    assert main(["launch", "--launcher", "torchrun", "configs/tiny-llama.toml", "--dry-run",
+                 "--launcher.name=deepspeed"]) == 0
+    assert capsys.readouterr().out.split()[0] == "torchrun"

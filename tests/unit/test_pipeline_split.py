@@ -31,7 +31,17 @@ def test_bad_points_name_the_field(points):
 
 
 def test_more_stages_than_layers_is_a_config_error():
-    with pytest.raises(ConfigError, match="parallel.pp"):
+    """The rule's home is parallel/dims.py (checked before any split); split_layers only refuses to run."""
+    from trellis.parallel.dims import ParallelDims, validate_model_dims
+
+    dims = ParallelDims(dp=1, pp=4, tp=1, world_size=4)
+    with pytest.raises(ConfigError, match="parallel.pp=4 is more than the model's 2 layers"):
+        validate_model_dims(dims, num_heads=4, num_kv_heads=4, num_layers=2, vocab_size=8, intermediate_size=8,
+                            micro_batches=4)
+    with pytest.raises(ConfigError, match="interleaved_1f1b' needs >= 8 layers"):
+        validate_model_dims(dims, num_heads=4, num_kv_heads=4, num_layers=6, vocab_size=8, intermediate_size=8,
+                            micro_batches=4, pp_schedule="interleaved_1f1b")
+    with pytest.raises(ValueError):
         split_layers(2, 4, "even")
 
 

@@ -1,5 +1,6 @@
-"""`trellis launch --launcher torchrun|deepspeed|mpirun|srun [...] CONFIG [--section.key=value ...]`:
-start every rank of `trellis train` through a standard launcher on machines you already hold."""
+"""`trellis launch [--launcher torchrun|deepspeed|mpirun|srun] [...] CONFIG [--section.key=value ...]`:
+start every rank of `trellis train` through a standard launcher on machines you already hold. Without
+--launcher the config's `launcher.name` picks it ("auto" and "standalone": torchrun)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import shlex
 
 from trellis import configs
 from trellis.errors import UserError
+from trellis.launchers.registry import NAMES, get_launcher
+
+DEFAULT_LAUNCHER = "torchrun"  # what launcher.name = "auto" / "standalone" means for `trellis launch`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "`trellis train`. Multi-node torchrun: run the same command on every node with "
                     "--master-addr set to the first node's address.",
     )
-    p.add_argument("--launcher", required=True, choices=("torchrun", "deepspeed", "mpirun", "srun"))
+    p.add_argument("--launcher", choices=NAMES, default=None,
+                   help="default: the config's launcher.name, torchrun when that is 'auto' or 'standalone'")
     p.add_argument("config", help="config file (TOML) or preset name")
     p.add_argument("--nnodes", type=int, help="number of nodes (default: launcher.nnodes)")
     p.add_argument("--nproc-per-node", type=int,
@@ -34,11 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_launch, accepts_overrides=True)
 
 
-def build_spec(args) -> "LaunchSpec":  # noqa: F821 - imported lazily below
+def launcher_name(args, cfg) -> str:
+    """--launcher, else the config's launcher.name when it names a launcher, else torchrun."""
+    if args.launcher:
+        return args.launcher
+    return cfg.launcher.name if cfg.launcher.name in NAMES else DEFAULT_LAUNCHER
+
+
+def build_spec(args, cfg=None) -> "LaunchSpec":  # noqa: F821 - imported lazily below
     from trellis.launchers.base import LaunchSpec
 
     # Load now so config errors are reported once, here, rather than by every rank.
-    cfg = configs.load(args.config, list(args.overrides))
+    cfg = cfg or configs.load(args.config, list(args.overrides))
     nnodes = args.nnodes or cfg.launcher.nnodes or 1
     if nnodes < 1:
         raise UserError(f"--nnodes={nnodes} must be at least 1")
@@ -63,10 +75,9 @@ def _launch(args) -> int:
     import os
     import sys
 
-    from trellis.launchers.registry import get_launcher
-
-    spec = build_spec(args)
-    launcher = get_launcher(args.launcher, args.mpi_flavour)
+    cfg = configs.load(args.config, list(args.overrides))
+    spec = build_spec(args, cfg)
+    launcher = get_launcher(launcher_name(args, cfg), args.mpi_flavour)
     if args.dry_run:
         print(format_command(*launcher.build_command(spec)))
         return 0
