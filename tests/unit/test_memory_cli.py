@@ -59,3 +59,17 @@ def test_host_ram_bound_for_cpu_offload(capsys):
     bounded = json.loads(capsys.readouterr().out)
     assert not any(c["setup"]["offload_optimizer"] == "cpu" for c in bounded["feasible"])
     assert any("over --host-mem" in r["reason"] for r in bounded["rejected"])
+
+
+def test_interleaved_1f1b_is_accepted_and_named(capsys):
+    """The estimator models interleaved 1F1B: the CLI offers it and a bad schedule's error lists it."""
+    import pytest
+
+    from trellis.engine.memory.estimator import TrainingSetup, estimate
+    from trellis.engine.memory.models import resolve_model
+    from trellis.errors import ConfigError
+
+    assert main(["estimate-memory", "--model", "tiny-llama", "--pp", "2", "--grad-accum", "4", "--seq-len", "64",
+                 "--pp-schedule", "interleaved_1f1b"]) == 0
+    with pytest.raises(ConfigError, match="use 1f1b, gpipe, interleaved_1f1b|use gpipe, 1f1b, interleaved_1f1b"):
+        estimate(resolve_model("tiny-llama"), TrainingSetup(pp=2, grad_accum=2, pp_schedule="zb"))
