@@ -157,6 +157,9 @@ class LauncherConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0 = pick a free port
     hostfile: str = ""
+    # Self-spawned ranks: after a forwarded SIGTERM/SIGINT/SIGHUP/SIGUSR1, how long the parent waits for the
+    # ranks' final save before it kills them (exit code 1).
+    stop_timeout_s: float = 300.0
 
 
 @dataclass(kw_only=True)

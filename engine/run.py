@@ -30,18 +30,19 @@ def run_training(cfg, argv: list[str]) -> int:
         if world > 1:
             from .spawn import spawn_local_ranks
 
-            return spawn_local_ranks(world, argv)
+            return spawn_local_ranks(world, argv, cfg.launcher.stop_timeout_s)
     return run_rank(cfg)
 
 
 def run_rank(cfg) -> int:
     from .distributed import init_distributed, shutdown
+    from .process_tree import rank_exit_code
     from .trainer import train_this_rank
 
     ctx = init_distributed(cfg.parallel.timeout_s)
     clean = False
     try:
-        train_this_rank(cfg, ctx)
+        summary = train_this_rank(cfg, ctx)
         clean = True
     except UserError as e:
         # Every rank hits the same config error; print it once.
@@ -53,6 +54,6 @@ def run_rank(cfg) -> int:
         return 130
     finally:
         shutdown(clean)
-    return 0
+    return rank_exit_code(summary, cfg.train.steps)  # 75 when a signal stopped it after the final save
 
 

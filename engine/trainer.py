@@ -23,11 +23,11 @@ from .model import build_model, check_vocab
 from .optim import lr_at
 from .tokenizer import find_tokenizer, load_tokenizer
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGUSR1/SIGINT; acted on at the next step boundary, agreed by all ranks."""
+    """Set by SIGTERM/SIGUSR1/SIGINT/SIGHUP; acted on at the next step boundary, agreed by all ranks."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -150,9 +150,9 @@ class Trainer:
                 progress.close()
             if writer:
                 writer.close()
-            stop.restore()
         if self.checkpointer is not None and (stopped_by or self.step >= cfg.train.steps):
             self.checkpointer.save(self.step, final=True)
+        stop.restore()  # after the final save: a signal during it must not kill the rank mid-save
         wall = time.perf_counter() - t_start
         summary = {
             "model": f"{self.model_type} ({self.num_params / 1e6:.2f}M params)",

@@ -280,6 +280,8 @@ class TrainTask:
                       flush=True)
                 subprocess.run(["scontrol", "requeue", env["SLURM_JOB_ID"]], timeout=60)
             raise SystemExit(0)
+        if rc == 75:  # trellis.exit_codes.STOPPED_SAVED: stopped by SIGTERM after saving (scancel, requeue)
+            raise SystemExit(rc)
         if rc != 0:
             raise RuntimeError(f"trellis train exited with code {rc}")
         return rc
