@@ -138,6 +138,10 @@ class CheckpointConfig:
     # "none" | "auto" (newest valid checkpoint in dir, else start fresh) | a step directory.
     resume: str = "none"
     save_on_signal: bool = True
+    # Exclusive lease <dir>/.trellis-lock (engine/lease.py): heartbeat period, and the age after which another
+    # run takes a lease over (0 = 3 x the holder's interval + 10 s).
+    lease_interval_s: float = 30.0
+    lease_timeout_s: float = 0.0
 
 
 @dataclass(kw_only=True)

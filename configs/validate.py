@@ -155,6 +155,8 @@ def validate(cfg: TrainConfig) -> None:
         e.append(f"logging.log_interval={cfg.logging.log_interval}: must be >= 1")
     if cfg.launcher.nproc_per_node < 0 or cfg.launcher.nnodes < 1:
         e.append("launcher.nproc_per_node must be >= 0 and launcher.nnodes >= 1")
+    if cfg.checkpoint.lease_interval_s <= 0 or cfg.checkpoint.lease_timeout_s < 0:
+        e.append("checkpoint.lease_interval_s must be > 0 and checkpoint.lease_timeout_s >= 0 (0 = automatic)")
     if cfg.launcher.stop_timeout_s <= 0:
         e.append(f"launcher.stop_timeout_s={cfg.launcher.stop_timeout_s}: must be > 0 (seconds for the final save)")
     if not 0 <= cfg.launcher.master_port < 65536:

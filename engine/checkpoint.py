@@ -37,6 +37,9 @@ class Checkpointer:
         self.last_saved: Path | None = None
         self.last_saved_step = -1
         self._t_last = time.monotonic()
+        from .lease import hold_checkpoint_dir
+
+        self.lease = hold_checkpoint_dir(cfg, trainer.ctx)  # refuses while another run holds the directory
 
     # ---- saving ----------------------------------------------------------------------------------
     def after_step(self, step: int) -> None:

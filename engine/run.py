@@ -36,6 +36,7 @@ def run_training(cfg, argv: list[str]) -> int:
 
 def run_rank(cfg) -> int:
     from .distributed import init_distributed, shutdown
+    from .lease import release_all
     from .process_tree import rank_exit_code
     from .trainer import train_this_rank
 
@@ -53,6 +54,7 @@ def run_rank(cfg) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        release_all()  # the checkpoint.dir lease (engine/lease.py)
         shutdown(clean)
     return rank_exit_code(summary, cfg.train.steps)  # 75 when a signal stopped it after the final save
 
