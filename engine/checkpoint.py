@@ -141,6 +141,9 @@ class Checkpointer:
             try:
                 meta = io.verify(path)
                 check_compatible(meta, self.trainer)
+                from .safe_pickle import check_state_dir
+
+                check_state_dir(path / STATE_DIR)  # no pickle in it may run code (engine/safe_pickle.py)
             except CheckpointError as e:
                 err = e.messages
         err, meta = _broadcast((err, meta))

@@ -349,6 +349,9 @@ class DeepSpeedBackend(TrainingBackend):
         conf = self.engine._config
         before = conf.load_universal_checkpoint
         conf.load_universal_checkpoint = universal  # DeepSpeed reads this flag at load time only
+        from .safe_pickle import safe_checkpoint_engine
+
+        safe_checkpoint_engine(self.engine)  # its TorchCheckpointEngine loads with weights_only=False
         try:
             load_path, _ = self.engine.load_checkpoint(path, tag=tag, load_module_strict=not self._peft,
                                                        load_optimizer_states=True, load_lr_scheduler_states=False)

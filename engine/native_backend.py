@@ -252,11 +252,12 @@ class NativeBackend(TrainingBackend):
         dcp.save(self._current_state(), checkpoint_id=str(path))
 
     def load_state(self, path) -> None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        from . import safe_pickle
+
         state = self._current_state()
-        dcp.load(state, checkpoint_id=str(path))
+        safe_pickle.dcp_load(state, path)  # dcp.load with allow-listed metadata / non-tensor items
         set_state_dict(self.module, self._optimizers(), model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._state_options())
         if self.adalora is not None:
