@@ -1,10 +1,11 @@
 """The process tree of a self-spawned `trellis train`: the parent forwards signals to its ranks and waits for
 their final save; every rank dies with its parent (no orphan), whatever killed the parent.
 
-Parent side (engine/spawn.py): SIGTERM, SIGINT, SIGHUP and SIGUSR1 are caught and forwarded once to every rank
-(the ranks run in their own process groups, so a terminal's Ctrl-C or a signal to the parent's group reaches
-the parent only and each rank gets it exactly once); the parent then waits up to `launcher.stop_timeout_s`
-for the ranks to finish their step, save and exit, and exits with a code of trellis/exit_codes.py.
+Parent side (engine/spawn.py): SIGTERM, SIGINT, SIGHUP and SIGUSR1 are caught and forwarded to every rank
+(which stay in the parent's process group, so `kill -9 -- -PGID` still ends all at once; a signal sent to the
+whole group reaches a rank twice, which it counts as one); the parent then waits up to
+`launcher.stop_timeout_s` for the ranks to finish their step, save and exit, and exits with a code of
+trellis/exit_codes.py.
 
 Rank side: `adopt_parent_death()` runs first thing in a spawned rank (trellis/__main__.py, main thread,
 before torch is imported). It asks the kernel for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG), then

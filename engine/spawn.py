@@ -49,9 +49,10 @@ def spawn_local_ranks(nproc: int, argv: list[str], stop_timeout_s: float = STOP_
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRELLIS_SPAWNED="1")
             env[PARENT_PID_ENV] = str(os.getpid())
             env.setdefault("OMP_NUM_THREADS", str(threads))
-            # Own process group: a signal to our group (terminal Ctrl-C, `kill -- -PGID`) reaches the ranks
-            # once, through forward(), not twice (a second SIGINT means "stop now" to a rank).
-            procs.append(subprocess.Popen([sys.executable, "-m", "trellis", *argv], env=env, process_group=0))
+            # Same process group as this parent: `kill -9 -- -PGID` still ends everything at once. A signal to
+            # the group (terminal Ctrl-C) then reaches a rank twice (directly, and forwarded): the rank counts
+            # one stop request for both (engine/trainer.StopRequested).
+            procs.append(subprocess.Popen([sys.executable, "-m", "trellis", *argv], env=env))
             if received:  # a signal came while starting: the ranks started since get it too
                 procs[-1].send_signal(received[1])
         return _wait(procs, received, stop_timeout_s)

@@ -31,6 +31,7 @@ class StopRequested:
 
     def __init__(self):
         self.signum: int | None = None
+        self._t_first = 0.0
         self._prev = {}
 
     def install(self) -> None:
@@ -38,9 +39,11 @@ class StopRequested:
             self._prev[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signum = signum
+        # A second Ctrl-C stops now; one within a second is the same Ctrl-C passed on by the spawning parent.
+        if self.signum is not None and signum == signal.SIGINT and time.monotonic() - self._t_first > 1.0:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum, self._t_first = signum, time.monotonic()
 
     def agreed(self) -> int:
         """The signal any rank received (all-reduced MAX), 0 if none."""

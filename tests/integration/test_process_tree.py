@@ -74,14 +74,18 @@ def _last_checkpoint_is_valid(ck: Path, at_least: int) -> int:
     return meta["step"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_signal_to_parent_saves_then_exits_75_after_the_ranks(repo, tmp_path, sig):
+@pytest.mark.parametrize("sig,group", [(signal.SIGTERM, False), (signal.SIGHUP, False), (signal.SIGTERM, True)],
+                         ids=["TERM-parent", "HUP-parent", "TERM-group"])
+def test_signal_to_parent_saves_then_exits_75_after_the_ranks(repo, tmp_path, sig, group):
     p, m, ck = _start(repo, tmp_path)
     ranks: list[psutil.Process] = []
     try:
         _wait_steps(p, m, 3)
         ranks = _ranks(p)
-        p.send_signal(sig)  # the parent only (not its group): it must pass the signal on
+        if group:  # what systemd, containers, `timeout` or Slurm do: the whole group at once
+            os.killpg(p.pid, sig)
+        else:
+            p.send_signal(sig)  # the parent only: it must pass the signal on
         out, _ = p.communicate(timeout=120)
         alive_at_parent_exit = _alive(ranks)
     finally:
