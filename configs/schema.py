@@ -148,6 +148,10 @@ class CheckpointConfig:
     # "none" | "auto" (newest valid checkpoint in dir, else start fresh) | a step directory.
     resume: str = "none"
     save_on_signal: bool = True
+    # Exclusive lease <dir>/.trellis-lock (engine/checkpoint/lease.py): heartbeat period, and the age after which another
+    # run takes a lease over (0 = 3 x the holder's interval + 10 s).
+    lease_interval_s: float = 30.0
+    lease_timeout_s: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -167,6 +171,9 @@ class LauncherConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0 = pick a free port
     hostfile: str = ""
+    # Self-spawned ranks: after a forwarded SIGTERM/SIGINT/SIGHUP/SIGUSR1, how long the parent waits for the
+    # ranks' final save before it kills them (exit code 1).
+    stop_timeout_s: float = 300.0
 
 
 @dataclass(kw_only=True)

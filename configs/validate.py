@@ -197,6 +197,8 @@ def _checkpoint(cfg: TrainConfig) -> list[str]:
         e.append("checkpoint.resume: use 'none', 'auto' or a checkpoint directory")
     if c.resume == "auto" and not c.dir:
         e.append("checkpoint.resume='auto' needs checkpoint.dir to search in")
+    if c.lease_interval_s <= 0 or c.lease_timeout_s < 0:
+        e.append("checkpoint.lease_interval_s must be > 0 and checkpoint.lease_timeout_s >= 0 (0 = automatic)")
     return e
 
 
@@ -209,6 +211,8 @@ def _launcher(cfg: TrainConfig) -> list[str]:
     la, e = cfg.launcher, []
     if la.nproc_per_node < 0 or la.nnodes < 1:
         e.append("launcher.nproc_per_node must be >= 0 and launcher.nnodes >= 1")
+    if la.stop_timeout_s <= 0:
+        e.append(f"launcher.stop_timeout_s={la.stop_timeout_s}: must be > 0 (seconds for the final save)")
     if not 0 <= la.master_port < 65536:
         e.append(f"launcher.master_port={la.master_port}: must be a TCP port (0 = pick a free one)")
     return e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -26,6 +27,27 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def strict_json_line(record: dict) -> str:
+    """`record` as strict JSON (RFC 8259 has no NaN/Infinity): a non-finite float becomes null and its key is
+    listed under "nonfinite", e.g. {"loss": null, "nonfinite": ["loss"]}; lists of floats likewise."""
+    bad: list[str] = []
+
+    def clean(key: str, v):
+        if isinstance(v, float) and not math.isfinite(v):
+            bad.append(key)
+            return None
+        if isinstance(v, (list, tuple)):
+            return [clean(f"{key}[{i}]", x) for i, x in enumerate(v)]
+        if isinstance(v, dict):
+            return {k: clean(f"{key}.{k}", x) for k, x in v.items()}
+        return v
+
+    out = {k: clean(k, v) for k, v in record.items()}
+    if bad:
+        out["nonfinite"] = bad
+    return json.dumps(out, allow_nan=False)
+
+
 class MetricsWriter:
     """Appends one JSON object per step; flushes each line so a killed run keeps what it logged."""
 
@@ -47,7 +69,7 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         if self._f:
-            self._f.write(json.dumps(record) + "\n")
+            self._f.write(strict_json_line(record) + "\n")
         if self._tb:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":

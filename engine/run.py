@@ -7,7 +7,9 @@ import sys
 from trellis.errors import UserError
 
 from .backends import check_supported
+from .checkpoint.lease import release_all
 from .distributed import init_distributed, launcher_rank_env, shutdown
+from .process_tree import rank_exit_code
 from .spawn import spawn_local_ranks
 from .trainer import train_this_rank
 
@@ -22,7 +24,7 @@ def run_training(cfg, argv: list[str]) -> int:
     if launcher_rank_env() is None:
         world = local_world_size(cfg)
         if world > 1:
-            return spawn_local_ranks(world, argv)
+            return spawn_local_ranks(world, argv, cfg.launcher.stop_timeout_s)
     return run_rank(cfg)
 
 
@@ -30,7 +32,7 @@ def run_rank(cfg) -> int:
     ctx = init_distributed(cfg.parallel.timeout_s)
     clean = False
     try:
-        train_this_rank(cfg, ctx)
+        summary = train_this_rank(cfg, ctx)
         clean = True
     except UserError as e:
         # Every rank hits the same config error; print it once.
@@ -41,7 +43,8 @@ def run_rank(cfg) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        release_all()  # the checkpoint.dir lease (engine/checkpoint/lease.py)
         shutdown(clean)
-    return 0
+    return rank_exit_code(summary, cfg.train.steps)  # 75 when a signal stopped it after the final save
 
 

@@ -27,14 +27,15 @@ from .optim import lr_at
 from .peft.inject import make_injector
 from .tokenizer import find_tokenizer, load_tokenizer
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGUSR1/SIGINT; acted on at the next step boundary, agreed by all ranks."""
+    """Set by SIGTERM/SIGUSR1/SIGINT/SIGHUP; acted on at the next step boundary, agreed by all ranks."""
 
     def __init__(self):
         self.signum: int | None = None
+        self._t_first = 0.0
         self._prev = {}
 
     def install(self) -> None:
@@ -42,9 +43,11 @@ class StopRequested:
             self._prev[s] = signal.signal(s, self._handler)
 
     def _handler(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: stop now
-        self.signum = signum
+        # A second Ctrl-C stops now; one within a second is the same Ctrl-C passed on by the spawning parent.
+        if self.signum is not None and signum == signal.SIGINT and time.monotonic() - self._t_first > 1.0:
+            raise KeyboardInterrupt
+        if self.signum is None:
+            self.signum, self._t_first = signum, time.monotonic()
 
     def agreed(self) -> int:
         """The signal any rank received (all-reduced MAX), 0 if none."""
@@ -146,12 +149,12 @@ class Trainer:
                 progress.close()
             if writer:
                 writer.close()
-            stop.restore()
         # The last step is always saved; a stop signal saves only with checkpoint.save_on_signal (else the run
         # stops at the step boundary and a resume starts from the last interval checkpoint).
         finished = self.step >= cfg.train.steps
         if self.checkpointer is not None and (finished or (stopped_by and cfg.checkpoint.save_on_signal)):
             self.checkpointer.save(self.step, self.tokens_seen)
+        stop.restore()  # after the final save: a signal during it must not kill the rank mid-save
         wall = time.perf_counter() - t_start
         summary = {
             "model": f"{self.model_type} ({self.num_params / 1e6:.2f}M params)",

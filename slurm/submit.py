@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,15 +62,48 @@ def parse_signal(value: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
-def validate(spec: SubmitSpec) -> None:
+def _unsafe_char(value: str) -> str | None:
+    """The first character that may not appear in a job script value: a newline or any other control
+    character (Unicode Cc, plus the line/paragraph separators), which would end a `#SBATCH` line or a shell line."""
+    for ch in value:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return ch
+    return None
+
+
+def text_errors(spec: SubmitSpec) -> list[str]:
+    """Every user string that lands in the job script, checked for newlines and control characters."""
+    fields = [("--job-name", spec.job_name), ("--partition", spec.partition), ("--account", spec.account),
+              ("--qos", spec.qos), ("--constraint", spec.constraint), ("--log-dir", spec.log_dir),
+              ("--time", spec.time), ("--signal", spec.signal), ("the working directory", spec.workdir),
+              ("the Python interpreter path", spec.python), ("the config path", spec.config)]
+    fields += [(f"the override {o.split('=', 1)[0][:60]!s}", o) for o in spec.overrides]
     errors = []
+    for name, value in fields:
+        ch = _unsafe_char(value)
+        if ch is not None:
+            errors.append(f"{name}={value!r} contains the control character {ch!r} (a newline would start a new "
+                          f"line of the job script); remove it")
+    for k, v in spec.exports.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            errors.append(f"environment variable name {k!r} is not a valid shell name")
+        elif _unsafe_char(v) is not None:
+            errors.append(f"environment variable {k}={v!r} contains the control character {_unsafe_char(v)!r}; "
+                          f"unset it or remove the character before submitting")
+    return errors
+
+
+def validate(spec: SubmitSpec) -> None:
+    errors = text_errors(spec)
+    if errors:
+        raise UserError(errors)
     if spec.nodes < 1:
         errors.append(f"--nodes={spec.nodes} must be at least 1")
     if spec.gpus_per_node < 0:
         errors.append(f"--gpus-per-node={spec.gpus_per_node} must be 0 (CPU) or more")
     if spec.mode not in ("per-task", "per-node"):
         errors.append(f"--mode={spec.mode}: use per-task (one task per rank) or per-node (torchrun per node)")
-    if spec.time and not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", spec.time):
+    if spec.time and not re.fullmatch(r"([0-9]+-)?[0-9]+(:[0-9]+){0,2}", spec.time):
         errors.append(f"--time={spec.time!r}: use Slurm's forms, e.g. 30, 2:00:00 or 1-12:00:00")
     if errors:
         raise UserError(errors)
@@ -93,11 +127,15 @@ def time_minutes(value: str) -> int:
 
 
 def sbatch_options(spec: SubmitSpec) -> list[str]:
+    """`--flag=value` words for the `#SBATCH` lines. Values are shell-quoted when needed: sbatch reads
+    `#SBATCH` lines with shell-like quoting (quotes group, an unquoted space ends the word, an unquoted `#`
+    starts a comment), so a quoted value reaches Slurm literally; newlines were refused by validate()."""
     name, secs = parse_signal(spec.signal)
     log = str(Path(spec.log_dir) / "%x-%j.out")
-    opts = [f"--job-name={spec.job_name}", f"--nodes={spec.nodes}",
+    q = shlex.quote
+    opts = [f"--job-name={q(spec.job_name)}", f"--nodes={spec.nodes}",
             f"--ntasks-per-node={spec.ranks_per_node if spec.mode == 'per-task' else 1}",
-            f"--output={log}", "--open-mode=append", "--requeue", f"--signal=B:{name}@{secs}"]
+            f"--output={q(log)}", "--open-mode=append", "--requeue", f"--signal=B:{name}@{secs}"]
     if spec.gpus_per_node:
         opts.append(f"--gpus-per-node={spec.gpus_per_node}")
     if spec.mode == "per-node" and spec.ranks_per_node > 1:
@@ -105,7 +143,7 @@ def sbatch_options(spec: SubmitSpec) -> list[str]:
     for flag, value in (("partition", spec.partition), ("time", spec.time), ("account", spec.account),
                         ("qos", spec.qos), ("constraint", spec.constraint)):
         if value:
-            opts.append(f"--{flag}={value}")
+            opts.append(f"--{flag}={q(value)}")
     if spec.exclusive:
         opts.append("--exclusive")
     return opts
@@ -242,6 +280,8 @@ class TrainTask:
                       flush=True)
                 subprocess.run(["scontrol", "requeue", env["SLURM_JOB_ID"]], timeout=60)
             raise SystemExit(0)
+        if rc == 75:  # trellis.exit_codes.STOPPED_SAVED: stopped by SIGTERM after saving (scancel, requeue)
+            raise SystemExit(rc)
         if rc != 0:
             raise RuntimeError(f"trellis train exited with code {rc}")
         return rc

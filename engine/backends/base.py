@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from ..checkpoint.safe_load import check_state_dir
 from ..data import Batch
 
 
@@ -67,6 +68,11 @@ class Backend(ABC):
     def save(self, directory: Path) -> None:
         """Write model and optimizer state (every rank its part) into `directory`, inside the Checkpointer's
         atomic step-N flow."""
+
+    def check_state(self, directory: Path) -> None:
+        """Refuse (CheckpointError) a checkpoint state directory holding any pickle that could run code, before
+        any rank loads it (engine/checkpoint/safe_load.py)."""
+        check_state_dir(directory)
 
     @abstractmethod
     def load(self, directory: Path) -> None:

@@ -26,6 +26,7 @@ from trellis.parallel.loss import causal_lm_loss_sum
 from trellis.parallel.parallelize import parallelize
 
 from ..amp import compute_dtype
+from ..checkpoint.safe_load import check_state_dir, torch_load_weights_only
 from ..data import Batch, global_token_count
 from ..distributed import broadcast_object
 from ..optim import param_groups
@@ -328,6 +329,9 @@ class DeepSpeedBackend(Backend):
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, exclude_frozen_parameters=self._peft)
 
+    def check_state(self, directory: Path) -> None:
+        check_state_dir(directory, deepspeed_safe_globals())
+
     def load(self, directory: Path) -> None:
         path = str(directory)
         saved_dp = saved_dp_size(Path(path) / CHECKPOINT_TAG)
@@ -350,6 +354,7 @@ class DeepSpeedBackend(Backend):
         conf = self.engine._config
         before = conf.load_universal_checkpoint
         conf.load_universal_checkpoint = universal  # DeepSpeed reads this flag at load time only
+        _safe_checkpoint_engine(self.engine)  # its TorchCheckpointEngine loads with weights_only=False
         try:
             load_path, _ = self.engine.load_checkpoint(path, tag=tag, load_module_strict=not self._peft,
                                                        load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -413,3 +418,37 @@ def saved_dp_size(tag_dir: Path) -> int | None:
     """dp size a DeepSpeed checkpoint was written with (one optimizer-state file per dp rank), or None."""
     files = list(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     return len(files) or None
+
+
+# ---- safe loading of DeepSpeed's checkpoint files (engine/checkpoint/safe_load.py) -------------------------
+# DeepSpeed 0.19.8 reads its *.pt files with torch.load(weights_only=False) in its TorchCheckpointEngine,
+# zero/stage3.py, base_optimizer.py and the universal-checkpoint code. The Checkpointer first loads every one
+# of them weights-only (check_state, with the few DeepSpeed classes they hold as safe globals), and the engine's
+# checkpoint engine is swapped for one that loads weights-only. Residual risk: DeepSpeed's direct
+# weights_only=False calls still unpickle fully, so a file replaced between the check and DeepSpeed's read (by
+# someone who can write the checkpoint directory while the run resumes) is not caught.
+def deepspeed_safe_globals() -> list:
+    """The non-torch classes DeepSpeed 0.19 pickles into its checkpoint files (model/optimizer states)."""
+    import argparse
+    import collections
+    import pathlib
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # argparse.Namespace: DeepSpeed stores its `args` (None for trellis) in the model states
+    return [collections.OrderedDict, pathlib.PosixPath, argparse.Namespace, LossScaler, DynamicLossScaler,
+            ZeroStageEnum, fragment_address]
+
+
+def _safe_checkpoint_engine(engine) -> None:
+    """Swap a DeepSpeed engine's TorchCheckpointEngine for one that loads with weights_only=True."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return torch_load_weights_only(path, map_location=map_location, safe_globals=deepspeed_safe_globals())
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.__class__ = SafeTorchCheckpointEngine

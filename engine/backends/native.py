@@ -16,6 +16,7 @@ from trellis.parallel.grad_norm import clip_grads_, total_grad_norm
 from trellis.parallel.loss import IGNORE_INDEX, causal_lm_loss_sum, loss_parallel_context
 from trellis.parallel.parallelize import ParallelModel, parallelize
 
+from ..checkpoint.safe_load import dcp_load
 from ..amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
 from ..data import Batch, global_token_count
 from ..optim import build_optimizer, set_lr
@@ -263,7 +264,7 @@ class NativeBackend(Backend):
 
     def load(self, directory: Path) -> None:
         state = self._current_state()
-        dcp.load(state, checkpoint_id=str(directory))
+        dcp_load(state, directory)  # dcp.load with allow-listed metadata / non-tensor items
         set_state_dict(self.module, self._optimizers(), model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._state_options())
         if self.adalora is not None:

@@ -30,6 +30,7 @@ from trellis.parallel.models.dims import dims_from_hf_config
 
 from ..distributed import broadcast_object as _broadcast
 from . import io
+from .lease import hold_checkpoint_dir
 
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.toml"
@@ -57,6 +58,7 @@ class Checkpointer:
         self.last_saved: Path | None = None
         self.last_saved_step = -1
         self._t_last = time.monotonic()
+        self.lease = hold_checkpoint_dir(cfg, rank)  # refuses while another run holds the directory
 
     # ---- saving ----------------------------------------------------------------------------------
     def after_step(self, step: int, tokens_seen: int) -> None:
@@ -126,6 +128,7 @@ class Checkpointer:
             try:
                 meta = io.verify(path)
                 check_compatible(meta, self.hf_config, self.cfg)
+                self.backend.check_state(path / STATE_DIR)  # no pickle in it may run code (checkpoint/safe_load.py)
             except CheckpointError as e:
                 err = e.messages
         err, meta = _broadcast((err, meta))

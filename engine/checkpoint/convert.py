@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -12,6 +11,7 @@ from trellis.errors import CheckpointError
 from trellis.parallel.hf_surgery import to_hf_state_dict
 
 from . import io
+from .safe_load import dcp_full_state
 
 
 def require_native(path: Path, meta: dict, why: str) -> None:
@@ -26,14 +26,9 @@ def full_sections(path: Path, sections: tuple[str, ...]) -> dict[str, dict[str, 
     """Top-level sections ("model", "optim", "adalora", ...) of a native checkpoint's state as unsharded
     tensors keyed as saved (FQNs for "model"), whatever layout wrote it, from one read of the checkpoint;
     {} for a section the checkpoint lacks."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     meta = io.verify(path)
     require_native(path, meta, "convert it with its fp32/universal tools")
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "full.pt"
-        dcp_to_torch_save(str(path / "state"), str(out))
-        state = torch.load(out, weights_only=True, map_location="cpu")
+    state = dcp_full_state(path / "state")  # allow-listed unpickling (checkpoint/safe_load.py)
 
     def section(name: str) -> dict[str, torch.Tensor]:
         if isinstance(state.get(name), dict):  # DCP keeps the nesting of what we saved

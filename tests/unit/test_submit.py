@@ -50,7 +50,8 @@ def test_per_task_script():
 def test_per_node_script_wraps_torchrun():
     text = render_sbatch(spec(nodes=2, gpus_per_node=4, mode="per-node", signal="USR2@60"))
     assert "{{" not in text
-    assert "py -m torch.distributed.run --nnodes" in text and "--rdzv-backend c10d" in text
+    assert "export TRELLIS_PYTHON=py" in text and "--rdzv-backend c10d" in text
+    assert '"$TRELLIS_PYTHON" -m torch.distributed.run --nnodes' in text
     assert "TRELLIS_NPROC_PER_NODE=4" in text
     assert 'pkill -USR2 -P $AGENT' in text and "--signal=B:USR2@60" in text
 
