@@ -72,13 +72,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def shutdown(clean: bool = True) -> None:
-    """Tear the group down. On a clean exit every rank first meets at a barrier, so no rank destroys
-    its gloo transport while a peer still has traffic in flight (seen as rare aborts at exit)."""
+def shutdown(clean: bool = True, destroy: bool = True) -> None:
+    """End this rank's part in the group. On a clean exit every rank first meets at a barrier, so no rank
+    leaves while a peer still has traffic in flight. destroy=False leaves the group's C++ objects alone for a
+    process that ends with os._exit right after (engine/run.py: end_rank_process)."""
     if dist.is_initialized():
         if clean:
             try:
                 dist.barrier()
             except RuntimeError:
                 pass
-        dist.destroy_process_group()
+        if destroy:
+            dist.destroy_process_group()
