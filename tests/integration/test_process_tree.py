@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from trellis import exit_codes
-from trellis.engine import checkpoint_io as io
+from trellis.engine.checkpoint import io as io
 
 pytestmark = pytest.mark.integration
 

@@ -82,7 +82,7 @@ def test_malicious_metadata_is_refused_by_resume_and_convert(repo, checkpoint, t
     shutil.copytree(checkpoint, bad)
     marker = tmp_path / "PWNED"
     _plant(bad, "state/.metadata", pickle.dumps(payload(marker)))
-    from trellis.engine import checkpoint_io as io_
+    from trellis.engine.checkpoint import io as io_
 
     io_.verify(bad)  # the checksums pass: only the allow-list stands in the way
 
