@@ -73,9 +73,9 @@ def build_model(model_cfg, *, seed: int, device: str | torch.device = "cpu"):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
-    # from_pretrained returns the model in eval mode: dropout off, and on CPUs with AVX512-BF16 bitsandbytes then
-    # repacks a 4-bit linear whose input needs no grad into its bf16 inference kernel (a different, lossier path
-    # than training's dequantize + matmul). A model built for training trains.
+    # from_pretrained returns the model in eval mode: dropout off (and on CPUs with AVX512-BF16, bitsandbytes repacks
+    # an eval-mode 4-bit linear whose input needs no grad into its bf16 inference kernel). A model built for
+    # training trains.
     model.train()
     return model.to(device), model_dir
 

@@ -6,9 +6,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Numerics must not depend on the machine's core count: in-process tests run with a fixed thread count (spawned
-# ranks set their own, tests/distributed/harness.py), whatever the CPU.
+# Numerics must not depend on the machine's core count: in-process tests run with a fixed thread count, ranks
+# spawned by tests (harness.py, or `trellis train` subprocesses, whose spawner keeps an OMP_NUM_THREADS it is
+# given) with one thread each, whatever the CPU.
 TEST_THREADS = 2
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):

@@ -64,3 +64,15 @@ def test_lr_schedule_shapes():
     lin = configs.load("tiny-llama", {"train.steps": 4, "train.schedule": "linear", "train.warmup_steps": 0,
                                       "train.lr": 1.0, "train.min_lr": 0.0}).train
     assert [lr_at(s, lin) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
+def test_a_pretrained_model_is_built_in_train_mode(tmp_path):
+    """from_pretrained returns eval mode: a model trained from a pretrained directory ran without dropout (GPT-2's
+    configs default to 0.1). (The same eval mode made the QLoRA reference take bitsandbytes' AVX512-BF16 inference
+    kernel: tests/distributed/peft_support.py.) build_model hands the engine a model in train mode, every module."""
+    cfg = configs.load("tiny-llama")
+    model, _ = build_model(cfg.model, seed=7)
+    model.save_pretrained(tmp_path)
+    loaded, _ = build_model(configs.load("tiny-llama", {"model.path": str(tmp_path)}).model, seed=0)
+    assert all(m.training for m in loaded.modules())
+
