@@ -9,7 +9,7 @@ backend cannot run on this machine.
 from __future__ import annotations
 
 from .base import Backend, LossScaler, StepResult
-from .deepspeed import DeepSpeedBackend, check_precision_supported
+from .deepspeed import DeepSpeedBackend
 from .native import NativeBackend
 
 BACKENDS: dict[str, type[Backend]] = {"native": NativeBackend, "deepspeed": DeepSpeedBackend}
@@ -26,5 +26,4 @@ def build_backend(cfg, ctx, dims, model, inject_peft=None) -> Backend:
 def check_supported(cfg) -> None:
     """ConfigError when the chosen backend refuses this config on this machine (e.g. DeepSpeed fp16 on a
     CPU). Cheap, no deepspeed import: the launching process calls it before ranks start."""
-    if cfg.zero.backend == "deepspeed":
-        check_precision_supported(cfg)
+    BACKENDS[cfg.zero.backend].check_supported(cfg)

@@ -42,6 +42,11 @@ class Backend(ABC):
     name: str
     module: torch.nn.Module  # this rank's (partitioned) model
 
+    @classmethod
+    def check_supported(cls, cfg) -> None:
+        """ConfigError when this backend refuses `cfg` on this machine; runs in the launching process before
+        any rank starts, so it must be cheap (no heavy imports)."""
+
     @abstractmethod
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
         """Forward/backward over this rank's micro-batches, gradient reduction, optimizer step."""

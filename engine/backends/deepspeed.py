@@ -203,6 +203,10 @@ class _DeepSpeedScale:
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
+    @classmethod
+    def check_supported(cls, cfg) -> None:
+        check_precision_supported(cfg)  # e.g. fp16 on a CPU without fp16 support
+
     def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):
         if dims.tp > 1 or dims.pp > 1:
             raise ConfigError(f"zero.backend='deepspeed' runs data parallel only (parallel.tp={dims.tp}, "

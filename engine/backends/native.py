@@ -195,8 +195,10 @@ class NativeBackend(Backend):
         """fp32 master weights kept apart from the model: tensors the optimizer updates that are not this
         rank's parameters. The native optimizers update the fp32 parameters themselves (under autocast and
         FSDP2's MixedPrecisionPolicy the low-precision copies are transient), so this is 0 — the estimator's
-        master_weights; a wrapper holding its own fp32 copies would show here."""
-        own = {local(p).untyped_storage().data_ptr() for p in self.module.parameters()}
+        master_weights; a wrapper holding its own fp32 copies would show here. (The parameters as set up, not
+        only `module.parameters()`: after a forward without backward FSDP2 ZeRO-2 leaves the unsharded
+        parameters registered on the module, while the optimizer holds the sharded ones.)"""
+        own = {local(p).untyped_storage().data_ptr() for p in (*self.params, *self.module.parameters())}
         return sum(_nbytes(p) for g in self.optimizer.param_groups for p in g["params"]
                    if local(p).untyped_storage().data_ptr() not in own)
 
