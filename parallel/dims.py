@@ -79,13 +79,11 @@ class ParallelDims:
         return {n: self.mesh.get_local_rank(n) for n in MESH_AXES}
 
 
-def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int, num_layers: int,
-                        vocab_size: int, intermediate_size: int, micro_batches: int,
-                        pp_schedule: str = "1f1b") -> None:
-    """Model-dependent layout rules (the one home of each), checked before any training step; all problems
-    in one error."""
+def model_split_errors(tp: int, pp: int, *, num_heads: int, num_kv_heads: int, num_layers: int,
+                       vocab_size: int, intermediate_size: int) -> list[str]:
+    """How the model's shapes constrain tp and pp (the one home of these rules: the engine checks them before
+    training, the estimator and planner with the same words before they size or propose a layout)."""
     e: list[str] = []
-    tp, pp = dims.tp, dims.pp
     if tp > 1:
         def divisors(n: int) -> str:
             return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
@@ -101,6 +99,17 @@ def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int
             e.append(f"parallel.tp={tp} does not divide vocab_size={vocab_size}; pad the vocabulary to a multiple of {tp}")
     if pp > num_layers:
         e.append(f"parallel.pp={pp} is more than the model's {num_layers} layers; use at most {num_layers}")
+    return e
+
+
+def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int, num_layers: int,
+                        vocab_size: int, intermediate_size: int, micro_batches: int,
+                        pp_schedule: str = "1f1b") -> None:
+    """Model-dependent layout rules (the one home of each), checked before any training step; all problems
+    in one error."""
+    tp, pp = dims.tp, dims.pp
+    e = model_split_errors(tp, pp, num_heads=num_heads, num_kv_heads=num_kv_heads, num_layers=num_layers,
+                           vocab_size=vocab_size, intermediate_size=intermediate_size)
     if pp > 1 and micro_batches < pp:
         e.append(f"train.grad_accum={micro_batches}: pipeline parallel needs >= parallel.pp={pp} micro-batches")
     if pp > 1 and pp_schedule == "interleaved_1f1b" and (num_layers < 2 * pp or micro_batches % pp):

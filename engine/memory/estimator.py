@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 from trellis.configs.validate import offload_errors, resolve_quantization
 from trellis.errors import ConfigError
+from trellis.parallel.dims import model_split_errors
 from trellis.parallel.pipeline import SCHEDULES
 
 from .activations import model_level_bytes, per_layer_bytes, regime
@@ -156,11 +157,6 @@ class MemoryEstimate:
 
 
 # ---- validation -------------------------------------------------------------------------------------
-def _divisors_hint(n: int, limit: int = 8) -> str:
-    ds = [d for d in range(1, n + 1) if n % d == 0][:limit]
-    return ", ".join(map(str, ds))
-
-
 def validate(d: ModelDims, s: TrainingSetup) -> None:
     errs: list[str] = []
     for name in ("dp", "tp", "pp", "micro_batch", "grad_accum"):
@@ -176,17 +172,11 @@ def validate(d: ModelDims, s: TrainingSetup) -> None:
         errs.append(f"--peft={s.peft}: the estimator models {', '.join(PEFT_METHODS)}")
     if s.backend not in ("native", "deepspeed"):
         errs.append(f"--backend={s.backend}: use native or deepspeed")
-    if s.tp > 1 and not d.raw_params:
-        if d.heads % s.tp:
-            errs.append(f"parallel.tp={s.tp} does not divide num_attention_heads={d.heads}; use "
-                        f"{_divisors_hint(d.heads)}")
-        elif d.kv_heads % s.tp:
-            errs.append(f"parallel.tp={s.tp} does not divide num_key_value_heads={d.kv_heads}; use "
-                        f"{_divisors_hint(d.kv_heads)}")
-        if d.ffn % s.tp:
-            errs.append(f"parallel.tp={s.tp} does not divide the MLP width {d.ffn}")
-    if d.layers and s.pp > d.layers:
-        errs.append(f"parallel.pp={s.pp} exceeds num_hidden_layers={d.layers}; use at most {d.layers} stages")
+    if not d.raw_params:  # the engine's own rules (parallel/dims.py), so no layout is sized that it refuses
+        errs.extend(model_split_errors(s.tp, s.pp, num_heads=d.heads, num_kv_heads=d.kv_heads, num_layers=d.layers,
+                                       vocab_size=d.vocab, intermediate_size=d.ffn))
+    elif d.layers and s.pp > d.layers:
+        errs.append(f"parallel.pp={s.pp} is more than the model's {d.layers} layers; use at most {d.layers}")
     if (s.tp > 1 or s.pp > 1 or s.seq_len) and d.raw_params and not (d.hidden and d.layers):
         errs.append("--params without --hidden and --layers: tp/pp splits and activations need the model dims; "
                     "pass --hidden H --layers L (and --heads, --vocab) or use --model")

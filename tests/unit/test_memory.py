@@ -121,7 +121,7 @@ def test_json_keys_stable():
 def test_errors_name_the_fix():
     with pytest.raises(ConfigError, match="did you mean llama-2-7b"):
         resolve_model("lama-2-7b")
-    with pytest.raises(ConfigError, match=r"parallel.tp=3 does not divide num_attention_heads=32; use 1, 2, 4"):
+    with pytest.raises(ConfigError, match=r"parallel.tp=3 does not divide num_attention_heads=32; use one of 1, 2, 4"):
         estimate(resolve_model("llama-2-7b"), TrainingSetup(tp=3))
     with pytest.raises(ConfigError, match="missing num_hidden_layers"):
         dims_from_hf_config({"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_attention_heads": 2,
