@@ -41,6 +41,8 @@ class LossScaler(Protocol):
 class Backend(ABC):
     name: str
     module: torch.nn.Module  # this rank's (partitioned) model
+    named_trainable: list[tuple[str, torch.nn.Parameter]]  # set by the backend's constructor
+    scaler: LossScaler | None = None
 
     @classmethod
     def check_supported(cls, cfg) -> None:
@@ -55,9 +57,9 @@ class Backend(ABC):
     def eval_loss(self, micro_batches: list[Batch]) -> float:
         """Mean token loss over the global batch, no gradients."""
 
-    @abstractmethod
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        ...
+        """(FQN, parameter) of what this rank trains, as the backend set it up (`named_trainable`)."""
+        return self.named_trainable
 
     @abstractmethod
     def memory_report(self) -> dict:
@@ -65,9 +67,9 @@ class Backend(ABC):
         estimator's: params, grads, optimizer_states, master_weights, trainable_params, ...)."""
 
     @property
-    @abstractmethod
     def loss_scaler(self) -> LossScaler | None:
-        """The fp16 loss scaler (None unless precision.dtype='fp16')."""
+        """The fp16 loss scaler (None unless precision.dtype='fp16'): the backend's `scaler`."""
+        return self.scaler
 
     @abstractmethod
     def save(self, directory: Path) -> None:

@@ -249,13 +249,6 @@ class DeepSpeedBackend(Backend):
         self._peft = cfg.peft.method != "none"
 
     # ---- helpers -------------------------------------------------------------------------------
-    def trainable_named_parameters(self):
-        return self.named_trainable
-
-    @property
-    def loss_scaler(self):
-        return self.scaler
-
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches)  # data parallel only: the world is the dp group
 

@@ -69,13 +69,6 @@ class NativeBackend(Backend):
         dist.all_reduce(n, group=self.pp_group)
         return int(n.item()) > 0
 
-    def trainable_named_parameters(self):
-        return self.named_trainable
-
-    @property
-    def loss_scaler(self):
-        return self.scaler
-
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches, self.dp_group)
 
