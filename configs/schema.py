@@ -107,6 +107,9 @@ class TrainLoopConfig:
     seed: int = 1234
     # Evaluate after training on this many held-out batches (0 = skip).
     eval_batches: int = 0
+    # A step whose loss or gradient norm is inf/nan (agreed over the world) is skipped (no weights change;
+    # fp16 overflows are the loss scaler's); this many such steps in a row stop the run with an error.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass(kw_only=True)

@@ -106,6 +106,8 @@ def _train(cfg: TrainConfig) -> list[str]:
         e.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     if t.grad_clip < 0:
         e.append(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 disables clipping)")
+    if t.max_nonfinite_steps < 1:
+        e.append(f"train.max_nonfinite_steps={t.max_nonfinite_steps}: must be >= 1")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         e.append(f"train.beta1/beta2=({t.beta1}, {t.beta2}): each must be in [0, 1)")
     if t.weight_decay < 0:

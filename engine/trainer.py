@@ -7,6 +7,7 @@ step and the model/optimizer state the Checkpointer saves.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -14,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from trellis.errors import ConfigError
+from trellis.errors import ConfigError, TrainingDiverged
 from trellis.parallel.dims import ParallelDims
 
 from .backends import build_backend
@@ -118,6 +119,7 @@ class Trainer:
         first_loss = last_loss = None
         step_times: list[float] = []
         skipped = 0
+        nonfinite_run = 0  # consecutive steps with a non-finite loss or gradient norm
         stopped_by = 0
         try:
             while self.step < cfg.train.steps:
@@ -134,12 +136,20 @@ class Trainer:
                 rec = {"step": self.step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                        "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
                        "step_time_s": dt, "tokens": self.tokens_seen, "skipped": res.skipped}
-                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps:
+                # loss and grad norm are reduced over the world: every rank takes the same branch
+                bad = _nonfinite(res.loss) or (_nonfinite(res.grad_norm) and self.backend.loss_scaler is None)
+                nonfinite_run = nonfinite_run + 1 if bad else 0
+                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps or bad:
                     rec["peak_mem_bytes"] = self._gather_peak_memory()
                     if main:
                         writer.write(rec)
                         progress.update(rec)
-                if self.checkpointer is not None:
+                if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"step {self.step}: the loss or gradient norm was inf/nan for {nonfinite_run} consecutive "
+                        f"steps (train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); stopped without "
+                        "saving. Resume from the last checkpoint with a lower train.lr, or check the data")
+                if self.checkpointer is not None and not bad:  # never a checkpoint of a non-finite step
                     self.checkpointer.after_step(self.step, self.tokens_seen)
                 stopped_by = stop.agreed()
                 if stopped_by:
@@ -152,7 +162,8 @@ class Trainer:
         # The last step is always saved; a stop signal saves only with checkpoint.save_on_signal (else the run
         # stops at the step boundary and a resume starts from the last interval checkpoint).
         finished = self.step >= cfg.train.steps
-        if self.checkpointer is not None and (finished or (stopped_by and cfg.checkpoint.save_on_signal)):
+        if self.checkpointer is not None and nonfinite_run == 0 and (
+                finished or (stopped_by and cfg.checkpoint.save_on_signal)):
             self.checkpointer.save(self.step, self.tokens_seen)
         stop.restore()  # after the final save: a signal during it must not kill the rank mid-save
         wall = time.perf_counter() - t_start
@@ -220,3 +231,7 @@ def check_global_batch(cfg, dims: ParallelDims) -> None:
 def train_this_rank(cfg, ctx: DistContext) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return Trainer(cfg, ctx).train()
+
+
+def _nonfinite(x) -> bool:
+    return x is not None and not math.isfinite(x)

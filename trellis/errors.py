@@ -19,3 +19,10 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, invalid, corrupted or incompatible."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradients stayed non-finite for train.max_nonfinite_steps steps. Printed as one line, exit 1
+    (a failure of the run, not of its input)."""
+
+    exit_code = 1

@@ -136,6 +136,15 @@ class NativeBackend(Backend):
                     if p.grad is not None:
                         p.grad.mul_(inv)
         norm = total_grad_norm(self.params, self.pp_group, exclude=self._duplicates())
+        if not math.isfinite(float(norm)):
+            # inf/nan in bf16/fp32 (fp16's are the scaler's, above): the norm is reduced over every mesh axis and
+            # pp, so every rank sees it and skips this step; no weight or optimizer state changes
+            self._note_grad_bytes()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.adalora is not None:
+                self.adalora.step += 1
+            return StepResult(loss=loss, grad_norm=math.nan, skipped=True,
+                              loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
         clip_grads_(self.params, self.cfg.train.grad_clip, norm)
         set_lr(self.optimizer, lr)
         self.optimizer.step()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +86,79 @@ def test_bf16_and_fp16_train_and_keep_fp32_master(tmp_path):
         print(f"{d}: loss {first:.3f} -> {last:.3f}")
         assert last < first - 0.3, (d, first, last)
         assert set(out["param_dtypes"].values()) == {"torch.float32"}, d
+
+
+def _nan_grad_on_rank1(steps: set[int]):
+    """Poison one gradient with nan on rank 1 only, in the backward of the given optimizer steps (1-based)."""
+    def install(trainer, rank):
+        if rank != 1:
+            return
+        calls = {"n": 0}
+        p = next(p for p in trainer.backend.params if p.ndim == 2)
+        ga = trainer.cfg.train.grad_accum
+
+        def hook(g):
+            calls["n"] += 1
+            return torch.full_like(g, math.nan) if (calls["n"] - 1) // ga + 1 in steps else g
+
+        p.register_hook(hook)
+    return install
+
+
+def nonfinite_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
+    """Each scenario: train with a nan gradient on rank 1 at some steps; report the records, the error (if the
+    run stopped) and the checkpoints left."""
+    from trellis import configs
+    from trellis.engine.distributed import init_distributed
+    from trellis.engine.trainer import Trainer
+    from trellis.errors import TrainingDiverged
+
+    ctx = init_distributed(120.0)
+    out = []
+    for sc in scenarios:
+        cfg = configs.load("tiny-llama", dict(sc["overrides"]))
+        trainer = Trainer(cfg, ctx)
+        _nan_grad_on_rank1(sc["nan_steps"])(trainer, rank)
+        err, summary = None, None
+        try:
+            summary = trainer.train()
+        except TrainingDiverged as e:
+            err = (e.exit_code, e.messages)
+        torch.distributed.barrier()
+        text = Path(cfg.logging.metrics_file).read_text() if rank == 0 else ""
+        ck = sorted(p.name for p in Path(cfg.checkpoint.dir).glob("step-*")) if cfg.checkpoint.dir else []
+        out.append({"lines": text.splitlines(), "error": err, "summary": summary, "checkpoints": ck})
+    return out
+
+
+def test_nonfinite_gradient_skips_the_step_everywhere_and_repeated_ones_stop_the_run(tmp_path):
+    """fp32 (no loss scaler): a nan gradient on ONE rank makes the world-reduced grad norm nan, so every rank
+    skips that step (no update); train.max_nonfinite_steps in a row stop the run with one error naming the step,
+    exit code 1, and no checkpoint of a non-finite step. Metrics lines stay strict JSON."""
+    base = {**EXACT, "parallel.dp": 2, "train.steps": 4, "checkpoint.interval": 1}
+    scenarios = [
+        {"overrides": {**base, "logging.metrics_file": str(tmp_path / "once.jsonl"),
+                       "checkpoint.dir": str(tmp_path / "ck-once")}, "nan_steps": {2}},
+        {"overrides": {**base, "train.max_nonfinite_steps": 2, "logging.metrics_file": str(tmp_path / "rep.jsonl"),
+                       "checkpoint.dir": str(tmp_path / "ck-rep")}, "nan_steps": {2, 3, 4}},
+    ]
+    r0, r1 = run_ranks(2, nonfinite_scenarios, scenarios, timeout=400)
+    once, rep = r0
+
+    def strict(line):
+        return json.loads(line, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+
+    recs = [strict(x) for x in once["lines"]]
+    print("one nan step:", [(r["step"], r["skipped"], r["grad_norm"]) for r in recs])
+    assert [r["skipped"] for r in recs] == [False, True, False, False]
+    assert recs[1]["grad_norm"] is None and "grad_norm" in recs[1]["nonfinite"]
+    assert once["error"] is None and r1[0]["error"] is None
+    assert once["summary"]["skipped_steps"] == 1 and r1[0]["summary"]["skipped_steps"] == 1
+    assert once["checkpoints"] == ["step-1", "step-3", "step-4"]  # keep_last_k permitting; never step-2
+    # repeated: steps 2 and 3 non-finite -> stop at step 3 on every rank, only step-1 saved
+    print("repeated nan steps:", rep["error"], rep["checkpoints"])
+    for res in (rep, r1[1]):
+        assert res["error"] is not None and res["error"][0] == 1
+        assert "step 3:" in res["error"][1][0] and "train.max_nonfinite_steps=2" in res["error"][1][0]
+        assert res["checkpoints"] == ["step-1"]
+    assert [strict(x)["skipped"] for x in rep["lines"]] == [False, True, True]
