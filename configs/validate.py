@@ -5,6 +5,8 @@ at start-up."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from trellis.errors import ConfigError
 
 from .schema import PEFT_PROMPT_METHODS, TrainConfig
@@ -199,6 +201,13 @@ def _checkpoint(cfg: TrainConfig) -> list[str]:
         e.append("checkpoint.resume: use 'none', 'auto' or a checkpoint directory")
     if c.resume == "auto" and not c.dir:
         e.append("checkpoint.resume='auto' needs checkpoint.dir to search in")
+    elif c.resume not in ("none", "auto") and c.resume:
+        # an explicit path: never a silent fresh start
+        if not c.dir:
+            e.append(f"checkpoint.resume={c.resume!r} needs checkpoint.dir (where the resumed run saves); set it")
+        if not Path(c.resume).is_dir():
+            e.append(f"checkpoint.resume={c.resume!r}: no such checkpoint directory; give a step-N directory, "
+                     "or 'auto' for the newest valid one in checkpoint.dir")
     if c.lease_interval_s <= 0 or c.lease_timeout_s < 0:
         e.append("checkpoint.lease_interval_s must be > 0 and checkpoint.lease_timeout_s >= 0 (0 = automatic)")
     return e

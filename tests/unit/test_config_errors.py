@@ -37,6 +37,8 @@ BAD_OVERRIDES = [
     ("--logging.log_interval=0", "logging.log_interval"),
     ("--train.beta2=1.5", "train.beta1/beta2"),
     ("--checkpoint.resume=auto", "checkpoint.resume"),
+    ("--checkpoint.resume=/nonexistent/step-5 --checkpoint.dir=runs/x", "no such checkpoint directory"),
+    ("--checkpoint.resume=configs", "needs checkpoint.dir"),  # an existing dir, but nowhere to save
     ("--launcher.master_port=70000", "launcher.master_port"),
     ("--zero.backend=deepspeed --parallel.tp=2", "zero.backend"),
 ]
