@@ -37,6 +37,9 @@ def end_rank_process(code: int) -> None:
     launcher or Slurm reports as a failed job. Everything durable (checkpoint files fsynced and renamed, metrics
     closed, lease released) is done before this; the ranks met at a barrier first (shutdown)."""
     logging.shutdown()
+    mpi = sys.modules.get("mpi4py.MPI")  # under mpirun the rank env came through mpi4py (launchers/rank_env.py)
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun fails a job whose rank called MPI_Init but exits without MPI_Finalize
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
