@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .harness import run_ranks
+from .workers import poison_grad_on_rank1
 
 BASE = {  # fp32, constant LR, no weight decay: every backend/stage must agree
     "train.steps": 5, "train.micro_batch_size": 2, "train.grad_accum": 2, "train.lr": 3e-3,
@@ -287,22 +288,6 @@ def _force_fp16_support() -> None:
     deepspeed_backend.fp16_supported = lambda device_type: True
 
 
-def _inf_grad_on_rank1_at_steps(steps: set[int]):
-    def hook_installer(trainer, rank):
-        if rank != 1:
-            return
-        calls = {"n": 0}
-        ga = trainer.cfg.train.grad_accum
-        _, p = next((n, p) for n, p in trainer.backend.trainable_named_parameters() if p.ndim == 2)
-
-        def hook(g):
-            calls["n"] += 1
-            return g.new_full(g.shape, float("inf")) if (calls["n"] - 1) // ga + 1 in steps else g
-
-        p.register_hook(hook)
-    return hook_installer
-
-
 def fp16_scaler_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[list[dict]]:
     _force_fp16_support()
     from trellis import configs
@@ -314,7 +299,7 @@ def fp16_scaler_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[
     for sc in scenarios:
         cfg = configs.load("tiny-llama", dict(sc["overrides"]))
         trainer = Trainer(cfg, ctx)
-        _inf_grad_on_rank1_at_steps(sc["inf_steps"])(trainer, rank)
+        poison_grad_on_rank1(sc["inf_steps"], math.inf)(trainer, rank)
         trainer.train()
         out.append([json.loads(x) for x in Path(cfg.logging.metrics_file).read_text().splitlines()]
                    if rank == 0 else [])

@@ -13,7 +13,7 @@ from trellis import configs
 
 from .harness import run_ranks
 from .reference import reference_run
-from .workers import train_scenarios
+from .workers import poison_grad_on_rank1, train_scenarios
 
 pytestmark = pytest.mark.distributed
 
@@ -39,21 +39,8 @@ def test_dp2_accum2_equals_single_process_reference(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def _inject_inf_on_rank1_step2(trainer, rank):
-    """Poison one gradient on rank 1 only, during the 2nd optimizer step's backward."""
-    if rank != 1:
-        return
-    state = {"calls": 0}
-    p = next(p for p in trainer.backend.params if p.ndim == 2)
-    grad_accum = trainer.cfg.train.grad_accum
-
-    def hook(g):
-        state["calls"] += 1
-        if (state["calls"] - 1) // grad_accum == 1:  # micro-batches of step 2
-            return torch.full_like(g, math.inf)
-        return g
-
-    p.register_hook(hook)
+def _inject_inf_on_rank1_step2(trainer, rank):  # module level: scenario hooks are pickled to the ranks
+    poison_grad_on_rank1({2}, math.inf)(trainer, rank)
 
 
 def test_fp16_overflow_on_one_rank_skips_step_everywhere(tmp_path):
@@ -88,23 +75,6 @@ def test_bf16_and_fp16_train_and_keep_fp32_master(tmp_path):
         assert set(out["param_dtypes"].values()) == {"torch.float32"}, d
 
 
-def _nan_grad_on_rank1(steps: set[int]):
-    """Poison one gradient with nan on rank 1 only, in the backward of the given optimizer steps (1-based)."""
-    def install(trainer, rank):
-        if rank != 1:
-            return
-        calls = {"n": 0}
-        p = next(p for p in trainer.backend.params if p.ndim == 2)
-        ga = trainer.cfg.train.grad_accum
-
-        def hook(g):
-            calls["n"] += 1
-            return torch.full_like(g, math.nan) if (calls["n"] - 1) // ga + 1 in steps else g
-
-        p.register_hook(hook)
-    return install
-
-
 def nonfinite_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
     """Each scenario: train with a nan gradient on rank 1 at some steps; report the records, the error (if the
     run stopped) and the checkpoints left."""
@@ -118,7 +88,7 @@ def nonfinite_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[di
     for sc in scenarios:
         cfg = configs.load("tiny-llama", dict(sc["overrides"]))
         trainer = Trainer(cfg, ctx)
-        _nan_grad_on_rank1(sc["nan_steps"])(trainer, rank)
+        poison_grad_on_rank1(sc["nan_steps"], math.nan)(trainer, rank)
         err, summary = None, None
         try:
             summary = trainer.train()

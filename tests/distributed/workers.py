@@ -81,3 +81,21 @@ def train_outcomes(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
         saved = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if p.is_dir()) if root and root.is_dir() else []
         out.append({"summary": summary, "saved": saved})
     return out
+
+
+def poison_grad_on_rank1(steps: set[int], value: float):
+    """A Trainer hook: on rank 1 only, replace one 2-D trainable parameter's gradient by `value` (inf / nan) in the
+    backward of the given optimizer steps (1-based; every micro-batch of those steps)."""
+    def install(trainer, rank):
+        if rank != 1:
+            return
+        calls = {"n": 0}
+        p = next(p for _, p in trainer.backend.trainable_named_parameters() if p.ndim == 2)
+        ga = trainer.cfg.train.grad_accum
+
+        def hook(g):
+            calls["n"] += 1
+            return torch.full_like(g, value) if (calls["n"] - 1) // ga + 1 in steps else g
+
+        p.register_hook(hook)
+    return install

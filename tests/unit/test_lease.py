@@ -92,7 +92,9 @@ def test_dead_process_on_this_machine_is_taken_over(tmp_path, capsys):
 def test_reused_pid_is_not_the_holder(tmp_path):
     _write_lease(tmp_path, pid=os.getppid(), pid_started=12345.0)  # a live pid, but another process's start
     lease = Lease(tmp_path)
-    lease.acquire()
+    lease.acquire()  # raises CheckpointError if the reused pid were taken for the holder
+    held = json.loads((tmp_path / LEASE_FILE).read_text())
+    assert held["pid"] == os.getpid() and held["token"] != "other"
     lease.release()
 
 
