@@ -10,7 +10,7 @@ exactly the same samples.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -80,8 +80,24 @@ def tokenize_documents(docs: list[str], tokenizer) -> np.ndarray:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [micro_batch, seq_len]
-    labels: torch.Tensor     # [micro_batch, seq_len], next-token targets
+    """One micro-batch. The contract every backend, the pipeline and the Python API share:
+
+    - input_ids [b, s] int64; labels [b, s] int64 next-token targets, IGNORE_INDEX (-100) where a position is
+      not counted (prompt/user tokens, padding, the last token of a packed sample);
+    - segment_ids [b, s] int32 or None: 0 = padding, k >= 1 = the k-th sample of its row. Attention stays inside
+      a segment (block-diagonal causal mask). None = each row is one causal sequence (concat packing);
+    - position_ids [b, s] int64 or None: per-sample positions (0 at each sample's first token); None = 0..s-1;
+    - attention_mask [b, s] 1/0 or None: a padding mask as users pass it (Python API); it means the same as
+      segment_ids = attention_mask (one sample per row);
+    - extra: any other keys a user's loss function reads (Python API), moved to the device with the batch.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
 
 
 class PackedDataset:
