@@ -140,6 +140,20 @@ class PeftConfig:
     adalora_orth_reg_weight: float = 0.5
 
 
+# Config fields that change what a run trains on or how (its trajectory). A resume that changes one is refused
+# unless checkpoint.resume_allow_change (CLI --resume-allow-change FIELD,...) names it; layout, precision, ZeRO
+# stage and backend may change freely (the checkpoint re-shards). train.global_batch_size stands for the
+# global batch the run actually uses. Fields a checkpoint's config lacks (written before the field existed)
+# are not compared (engine/checkpoint/checkpointer.py: trajectory_changes).
+TRAJECTORY_FIELDS = (
+    "model.path", "data.path", "data.format", "data.text_field", "data.type", "data.prompt_field",
+    "data.response_field", "data.messages_field", "data.chosen_field", "data.rejected_field", "data.prompt_template",
+    "data.chat_template", "data.train_on_prompt", "data.truncation", "data.packing", "data.seq_len", "data.shuffle",
+    "train.global_batch_size", "train.seed", "train.objective", "train.dpo_beta", "peft.method",
+    "peft.target_modules", "peft.r", "peft.alpha", "peft.num_virtual_tokens",
+)
+
+
 @dataclass(kw_only=True)
 class CheckpointConfig:
     dir: str = ""
@@ -151,6 +165,12 @@ class CheckpointConfig:
     # "none" | "auto" (newest valid checkpoint in dir, else start fresh) | a step directory.
     resume: str = "none"
     save_on_signal: bool = True
+    # A save that fails (disk full, permission, I/O): "stop" the run (exit 1), or "continue" without that
+    # checkpoint (interval saves only; the final save failing always stops). The partial step-N.tmp is removed.
+    on_save_error: Literal["stop", "continue"] = "stop"
+    # Trajectory fields (engine/checkpoint/checkpointer.py TRAJECTORY_FIELDS) a resume may change; CLI
+    # --resume-allow-change FIELD,...
+    resume_allow_change: list[str] = field(default_factory=list)
     # Exclusive lease <dir>/.trellis-lock (engine/checkpoint/lease.py): heartbeat period, and the age after which another
     # run takes a lease over (0 = 3 x the holder's interval + 10 s).
     lease_interval_s: float = 30.0

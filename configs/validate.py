@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trellis.errors import ConfigError
 
-from .schema import PEFT_PROMPT_METHODS, TrainConfig
+from .schema import PEFT_PROMPT_METHODS, TRAJECTORY_FIELDS, TrainConfig
 
 # PEFT methods known to break inside peft on a 4-bit base (measured: LoKr/LoHa/HRA).
 _NO_4BIT_METHODS = ("lokr", "loha", "hra")
@@ -208,6 +208,10 @@ def _checkpoint(cfg: TrainConfig) -> list[str]:
         if not Path(c.resume).is_dir():
             e.append(f"checkpoint.resume={c.resume!r}: no such checkpoint directory; give a step-N directory, "
                      "or 'auto' for the newest valid one in checkpoint.dir")
+    unknown = [f for f in c.resume_allow_change if f not in TRAJECTORY_FIELDS]
+    if unknown:
+        e.append(f"checkpoint.resume_allow_change (--resume-allow-change): {', '.join(unknown)} not a trajectory "
+                 f"field; use any of {', '.join(TRAJECTORY_FIELDS)} (layout, precision and ZeRO may change freely)")
     if c.lease_interval_s <= 0 or c.lease_timeout_s < 0:
         e.append("checkpoint.lease_interval_s must be > 0 and checkpoint.lease_timeout_s >= 0 (0 = automatic)")
     return e

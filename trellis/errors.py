@@ -26,3 +26,11 @@ class TrainingDiverged(UserError):
     (a failure of the run, not of its input)."""
 
     exit_code = 1
+
+
+class CheckpointSaveError(UserError):
+    """A checkpoint could not be written (disk full, permission, I/O error). One line naming the cause and the
+    path, exit 1: the run's environment failed, not its input. The partial step-N.tmp is removed and every
+    earlier checkpoint is kept."""
+
+    exit_code = 1

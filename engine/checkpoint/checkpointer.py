@@ -11,7 +11,9 @@ states are safetensors. PEFT runs save trainable (adapter) state only. Nothing i
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sys
 import time
@@ -20,12 +22,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 import transformers
 from safetensors.torch import load_file, save_file
 
 from trellis import __version__
 from trellis.configs import to_dict, to_toml
-from trellis.errors import CheckpointError
+from trellis.configs.schema import TRAJECTORY_FIELDS
+from trellis.errors import CheckpointError, CheckpointSaveError
 from trellis.parallel.models.dims import dims_from_hf_config
 
 from ..distributed import broadcast_object as _broadcast
@@ -68,34 +72,89 @@ class Checkpointer:
             # Clocks differ per rank: rank 0 decides for everyone.
             due = _broadcast(due or time.monotonic() - self._t_last >= c.interval_seconds)
         if due:
-            self.save(step, tokens_seen)
+            self.save(step, tokens_seen, final=False)
 
-    def save(self, step: int, tokens_seen: int) -> Path:
+    def save(self, step: int, tokens_seen: int, final: bool = True) -> Path | None:
+        """Write `step-N` atomically (every rank its shards). A write that fails on any rank (disk full,
+        permission, I/O error) removes the partial `step-N.tmp`, keeps every earlier checkpoint and raises
+        CheckpointSaveError on every rank — or, for an interval save (`final=False`) with
+        checkpoint.on_save_error = "continue", prints one line and returns None: the run goes on and the next
+        interval tries again. A final save that fails always raises (the run's result is not on disk)."""
         if step == self.last_saved_step:
             return self.last_saved
+        try:
+            return self._save(step, tokens_seen)
+        except CheckpointSaveError as e:
+            if final or self.cfg.checkpoint.on_save_error == "stop":
+                raise
+            if self.rank == 0:
+                print(f"warning: {e.messages[0]}; training goes on without it (checkpoint.on_save_error=continue)",
+                      file=sys.stderr)
+            return None
+
+    def _save(self, step: int, tokens_seen: int) -> Path:
         t0 = time.perf_counter()
         tmp, final_dir = io.tmp_dir(self.root, step), io.step_dir(self.root, step)
-        if self.rank == 0:
+        main = self.rank == 0
+
+        def start():
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a run killed mid-save
+            self._check_free_space(tmp)
             (tmp / "rng").mkdir(parents=True)
-        dist.barrier()
-        self.backend.save(tmp / STATE_DIR)
-        _save_rng(tmp / "rng" / f"rank{self.rank}.safetensors")
-        if self.rank == 0:
-            (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(step, tokens_seen), indent=1))
-            (tmp / CONFIG_FILE).write_text(to_toml(self.cfg))
-        dist.barrier()  # every rank's files are in tmp
-        if self.rank == 0:
+
+        def write():
+            self.backend.save(tmp / STATE_DIR)  # collective: DCP raises on every rank when one fails
+            _save_rng(tmp / "rng" / f"rank{self.rank}.safetensors")
+            if main:
+                (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(step, tokens_seen), indent=1))
+                (tmp / CONFIG_FILE).write_text(to_toml(self.cfg))
+
+        def publish():
             # write_s: every rank's shards written (the part that scales with model size / ranks).
             meta = {**self._metadata(step, tokens_seen), "write_s": round(time.perf_counter() - t0, 4)}
             io.write_metadata_and_publish(tmp, final_dir, meta)
+            self._last_bytes = io.dir_bytes(final_dir)
             io.prune(self.root, self.cfg.checkpoint.keep_last_k)
-        dist.barrier()  # nobody goes on (or exits) before the checkpoint is published
+
+        # Each phase ends in an agreement over every rank (it is also the barrier between phases): a failure
+        # on any rank stops every rank at the same point, with one message.
+        self._agreed(start if main else None, tmp)
+        self._agreed(write, tmp)  # every rank's files are in tmp
+        self._agreed(publish if main else None, tmp)  # nobody goes on (or exits) before it is published
         self.last_saved, self.last_saved_step = final_dir, step
         self._t_last = time.monotonic()
         return final_dir
+
+    def _agreed(self, fn, tmp: Path) -> None:
+        """Run `fn` (None: nothing on this rank), then agree with every rank on whether anyone failed; on a
+        failure rank 0 removes `tmp` and every rank raises CheckpointSaveError with the first rank's cause."""
+        err = None
+        if fn is not None:
+            try:
+                fn()
+            except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+                err = describe_save_error(e, tmp)
+        errs: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errs, err)
+        first = next((e for e in errs if e), None)
+        if first is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()  # tmp is gone before anyone reports (a supervisor may retry at once)
+        raise CheckpointSaveError(first)
+
+    def _check_free_space(self, tmp: Path) -> None:
+        """Refuse before writing when the filesystem has less room than the last checkpoint took (+10 %)."""
+        need = getattr(self, "_last_bytes", 0)
+        if not need:
+            return
+        free = shutil.disk_usage(self.root).free
+        if free < need * 1.1:
+            raise OSError(errno.ENOSPC, f"No space left on device: the last checkpoint took {need / 2**20:.1f} MiB, "
+                                        f"{free / 2**20:.1f} MiB free", str(self.root))
 
     def _trainer_state(self, step: int, tokens_seen: int) -> dict:
         scaler = self.backend.loss_scaler
@@ -115,19 +174,29 @@ class Checkpointer:
         r = self.cfg.checkpoint.resume
         if r == "none":
             return None
-        path = io.latest_valid(self.root) if r == "auto" else Path(r)
+        if r != "auto":
+            return Path(r), self.load(Path(r))
+        # auto: the newest checkpoint that verifies (every checksum), saying which newer ones were skipped
+        found = io.newest_verified(self.root) if self.rank == 0 else None
+        path, skipped = _broadcast(found)
+        if self.rank == 0:
+            for p, why in skipped:
+                print(f"checkpoint: skipped {p.name}: {why}", file=sys.stderr)
         if path is None:
+            if skipped:
+                raise CheckpointError([f"--resume auto: no checkpoint in {self.root} verifies (see above); remove the "
+                                       "damaged ones to start fresh, or resume from a copy"])
             return None  # auto with nothing saved yet: start fresh
-        return path, self.load(path)
+        return path, self.load(path, verified=True)
 
-    def load(self, path: Path) -> TrainerState:
+    def load(self, path: Path, verified: bool = False) -> TrainerState:
         t0 = time.perf_counter()
         err = None
         meta = None
         if self.rank == 0:
             try:
-                meta = io.verify(path)
-                check_compatible(meta, self.hf_config, self.cfg)
+                meta = io.read_metadata(path) if verified else io.verify(path)
+                check_compatible(meta, self.hf_config, self.cfg, self.sampler.global_batch_size)
                 self.backend.check_state(path / STATE_DIR)  # no pickle in it may run code (checkpoint/safe_load.py)
             except CheckpointError as e:
                 err = e.messages
@@ -148,6 +217,7 @@ class Checkpointer:
                 torch.cuda.set_rng_state(states["cuda"])
         state = TrainerState(step=ts["step"], tokens_seen=ts["tokens_seen"])
         self.last_saved, self.last_saved_step = path, state.step
+        self._last_bytes = sum(f["bytes"] for f in meta["files"].values())  # the free-space check's estimate
         if self.rank == 0:
             print(f"checkpoint: resumed from {path} (step {state.step}) in {time.perf_counter() - t0:.2f}s",
                   file=sys.stderr)
@@ -165,8 +235,36 @@ def model_signature(hf_config) -> dict:
     return {"model_type": hf_config.model_type, **dims_from_hf_config(hf_config).signature()}
 
 
-def check_compatible(meta: dict, hf_config, cfg) -> None:
-    """CheckpointError listing every difference between the checkpoint's model / PEFT method and this run's."""
+def _field(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def trajectory_changes(meta: dict, cfg, global_batch_size: int) -> list[str]:
+    """'field: checkpoint X -> this run Y' for every trajectory field the resume would change."""
+    old, new = meta.get("config") or {}, to_dict(cfg)
+    changes = []
+    for f in TRAJECTORY_FIELDS:
+        if f == "train.global_batch_size":
+            a, b = meta.get("global_batch_size", _MISSING), global_batch_size
+        else:
+            a, b = _field(old, f), _field(new, f)
+        if a is not _MISSING and b is not _MISSING and a != b:
+            changes.append((f, f"{f}: checkpoint {a!r} -> this run {b!r}"))
+    allowed = set(cfg.checkpoint.resume_allow_change)
+    return [msg for f, msg in changes if f not in allowed]
+
+
+def check_compatible(meta: dict, hf_config, cfg, global_batch_size: int | None = None) -> None:
+    """CheckpointError listing every difference between the checkpoint's model / PEFT method and this run's,
+    and every trajectory field (TRAJECTORY_FIELDS) the resume would change."""
     want = model_signature(hf_config)
     have = meta.get("model", {})
     diffs = [f"{k}: checkpoint {have.get(k)!r} != this run {v!r}" for k, v in want.items() if have.get(k) != v]
@@ -174,7 +272,57 @@ def check_compatible(meta: dict, hf_config, cfg) -> None:
         diffs.append(f"peft.method: checkpoint {meta.get('peft')!r} != this run {cfg.peft.method!r}")
     if diffs:
         raise CheckpointError(["the checkpoint is of another model or config; mismatches:", *diffs])
+    if global_batch_size is not None:
+        changed = trajectory_changes(meta, cfg, global_batch_size)
+        if changed:
+            names = ",".join(c.split(":")[0] for c in changed)
+            raise CheckpointError([f"resume would change the run ({len(changed)} field(s)); pass "
+                                   f"--resume-allow-change {names} to accept:", *changed])
 
 
 def _versions() -> dict:
     return {"trellis": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def describe_save_error(e: BaseException, tmp: Path) -> str:
+    """One line: which save failed, the OS cause ("No space left on device") and the path it names. DCP wraps
+    every rank's failure in a CheckpointException (`failures`: rank -> (exception, stack)); look inside. torch's
+    zip writer can hide the cause ("unexpected pos 704 vs 598" when a write came up short on a full disk): then
+    a probe write next to the checkpoint asks the filesystem itself (before the partial files are removed)."""
+    os_err = _find_os_error(e) or _probe_write(tmp if tmp.is_dir() else tmp.parent)
+    if os_err is not None:
+        return f"checkpoint {tmp.name} not saved: {os_err.strerror or os_err} ({os_err.filename or tmp})"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"checkpoint {tmp.name} not saved: {type(e).__name__}: {first}"
+
+
+def _probe_write(directory: Path, nbytes: int = 1 << 20) -> OSError | None:
+    probe = directory / f".trellis-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as err:
+        return err
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def _find_os_error(e: BaseException, seen: set | None = None) -> OSError | None:
+    seen = seen if seen is not None else set()
+    if e is None or id(e) in seen:
+        return None
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno is not None:
+        return e
+    nested = [e.__cause__, e.__context__]
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        nested += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    for n in nested:
+        found = _find_os_error(n, seen)
+        if found is not None:
+            return found
+    return None

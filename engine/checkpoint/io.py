@@ -99,6 +99,21 @@ def latest_valid(root: Path) -> Path | None:
     return None
 
 
+def newest_verified(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint whose every file matches its checksum, and the newer ones skipped with why."""
+    skipped: list[tuple[Path, str]] = []
+    for _, path, meta in reversed(list_checkpoints(root)):
+        if meta is None:
+            skipped.append((path, f"no readable {METADATA} (not completed)"))
+            continue
+        try:
+            verify(path, meta)
+            return path, skipped
+        except CheckpointError as e:
+            skipped.append((path, e.messages[0]))
+    return None, skipped
+
+
 def verify(path: Path, meta: dict | None = None) -> dict:
     """Check every file against its recorded checksum; raise CheckpointError naming the first bad one."""
     meta = meta or read_metadata(path)

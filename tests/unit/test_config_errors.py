@@ -39,6 +39,8 @@ BAD_OVERRIDES = [
     ("--checkpoint.resume=auto", "checkpoint.resume"),
     ("--checkpoint.resume=/nonexistent/step-5 --checkpoint.dir=runs/x", "no such checkpoint directory"),
     ("--checkpoint.resume=configs", "needs checkpoint.dir"),  # an existing dir, but nowhere to save
+    ("--checkpoint.resume_allow_change=parallel.dp", "not a trajectory field"),  # layouts change freely anyway
+    ("--checkpoint.on_save_error=retry", "checkpoint.on_save_error"),
     ("--launcher.master_port=70000", "launcher.master_port"),
     ("--zero.backend=deepspeed --parallel.tp=2", "zero.backend"),
 ]

@@ -11,8 +11,9 @@ from trellis.errors import CheckpointError, UserError
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="list, inspect and convert checkpoints")
     c = p.add_subparsers(dest="checkpoint_command", metavar="ACTION", required=True)
-    ls = c.add_parser("list", help="checkpoints in a directory, newest last, with validity")
+    ls = c.add_parser("list", help="checkpoints in a directory, newest last, each verified against its checksums")
     ls.add_argument("dir")
+    ls.add_argument("--no-verify", action="store_true", help="skip reading every file (says 'not verified')")
     ls.set_defaults(func=_list)
     ins = c.add_parser("inspect", help="layout, step, sizes and checksum validity of one checkpoint")
     ins.add_argument("path")
@@ -32,13 +33,26 @@ def _list(args) -> int:
     if not root.is_dir():
         raise UserError(f"{root}: no such directory")
     rows = io.list_checkpoints(root)
-    latest = io.latest_valid(root)
+    states: dict[Path, str] = {}
+    latest = None
+    for step, path, meta in reversed(rows):  # newest first: what --resume auto would pick
+        if meta is None:
+            states[path] = "INCOMPLETE (ignored)"
+        elif args.no_verify:
+            states[path] = "not verified"
+            latest = latest or path
+        else:
+            try:
+                io.verify(path, meta)
+                states[path] = "valid"
+                latest = latest or path
+            except CheckpointError as e:
+                states[path] = f"INVALID: {e.messages[0]}"
     for step, path, meta in rows:
-        state = "valid" if meta else "INCOMPLETE (ignored)"
         mark = "  <- latest" if path == latest else ""
-        print(f"{path.name:<14} {state:<22} {fmt_bytes(io.dir_bytes(path)):>10}{mark}")
+        print(f"{path.name:<14} {fmt_bytes(io.dir_bytes(path)):>10}  {states[path]}{mark}")
     for p in sorted(root.glob("step-*.tmp")):
-        print(f"{p.name:<14} {'INCOMPLETE (ignored)':<22} {fmt_bytes(io.dir_bytes(p)):>10}")
+        print(f"{p.name:<14} {fmt_bytes(io.dir_bytes(p)):>10}  INCOMPLETE (ignored)")
     if not rows:
         print(f"no checkpoints in {root}")
     return 0

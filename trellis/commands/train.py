@@ -1,4 +1,5 @@
-"""`trellis train CONFIG [--deepspeed JSON] [--resume auto|PATH] [--section.key=value ...]`."""
+"""`trellis train CONFIG [--deepspeed JSON] [--resume auto|PATH] [--resume-allow-change FIELD,...]
+[--section.key=value ...]`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="config file (TOML) or preset name, e.g. configs/tiny-llama.toml")
     p.add_argument("--deepspeed", metavar="JSON", help="a stock DeepSpeed ds_config.json (implies zero.backend=deepspeed)")
     p.add_argument("--resume", metavar="auto|PATH", help="same as --checkpoint.resume")
+    p.add_argument("--resume-allow-change", metavar="FIELD,...",
+                   help="trajectory fields the resume may change (e.g. data.path,train.seed); same as "
+                        "--checkpoint.resume_allow_change")
     p.set_defaults(func=_train, accepts_overrides=True)
 
 
@@ -22,6 +26,8 @@ def _train(args) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"--checkpoint.resume={args.resume}")
+    if args.resume_allow_change:
+        overrides.append(f"--checkpoint.resume_allow_change={args.resume_allow_change}")
     cfg = configs.load(args.config, overrides, deepspeed_json=args.deepspeed)
     from trellis.engine.run import run_training
 
