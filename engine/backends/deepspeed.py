@@ -234,12 +234,15 @@ class DeepSpeedBackend(Backend):
         if not named:
             raise ConfigError("no trainable parameters; check peft.target_modules")
         groups = param_groups([p for _, p in named], [n for n, _ in named], cfg.train.weight_decay)
+        _check_async_io(self.ds_config)
         if _offload_param_device(self.ds_config) == "nvme":
             _partition_for_nvme(deepspeed, model, self.ds_config)
         try:
             self.engine, self.optimizer, _, _ = deepspeed.initialize(
                 model=model, model_parameters=groups, config=self.ds_config, dist_init_required=False)
         except ValueError as e:
+            if hasattr(e, "errors") and hasattr(e, "title"):  # pydantic's ValidationError: DeepSpeed's config model
+                raise ConfigError(ds_validation_messages(e, cfg.zero.deepspeed_config)) from None
             if "not supported on your device" in str(e):
                 raise ConfigError(f"DeepSpeed: {e} ({_FP16_HELP})") from None
             raise
@@ -379,6 +382,39 @@ class DeepSpeedBackend(Backend):
                          num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                          inject_missing_state=True)
         ds_to_universal.main(args)
+
+
+# DeepSpeed's pydantic config models -> the ds_config.json section each validates
+_DS_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedZeroOffloadOptimizerConfig":
+                "zero_optimization.offload_optimizer", "DeepSpeedZeroOffloadParamConfig": "zero_optimization.offload_param",
+                "DeepSpeedActivationCheckpointingConfig": "activation_checkpointing", "DeepSpeedFP16Config": "fp16",
+                "DeepSpeedBF16Config": "bf16", "DeepSpeedAIOConfig": "aio"}
+
+
+def ds_validation_messages(err, source: str) -> list[str]:
+    """One line per field DeepSpeed's own config model rejected, named by its path in the JSON."""
+    section = _DS_SECTIONS.get(err.title, err.title)
+    where = f"--deepspeed {source}" if source else "the DeepSpeed config trellis built"
+    out = []
+    for e in err.errors():
+        field = ".".join([section, *(str(x) for x in e.get("loc", ()))])
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        out.append(f"{where}: {field}: {e.get('msg', 'invalid')}{got}; fix or remove it (DeepSpeed's config schema)")
+    return out
+
+
+def _check_async_io(ds: dict) -> None:
+    """NVMe offload needs DeepSpeed's async_io op, which links libaio: say what to install instead of a per-rank
+    build traceback."""
+    z = ds.get("zero_optimization", {})
+    if "nvme" not in ((z.get("offload_optimizer") or {}).get("device"), (z.get("offload_param") or {}).get("device")):
+        return
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible():
+        raise ConfigError("zero.offload_*='nvme' needs DeepSpeed's async_io op, which cannot be built here: install "
+                          "libaio with its headers (apt-get install libaio-dev; dnf install libaio-devel) or set "
+                          "CFLAGS/LDFLAGS to where they are, or offload to 'cpu'")
 
 
 def _offload_param_device(ds: dict) -> str:

@@ -1,0 +1,31 @@
+"""User errors that used to escape as per-rank tracebacks: one `error:` line per problem, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def test_deepspeed_json_rejected_by_deepspeeds_schema_is_one_line_per_field(repo, tmp_path):
+    """DeepSpeed's own pydantic model refuses these fields inside deepspeed.initialize (it used to print a
+    pydantic traceback per rank and exit 1)."""
+    ds = tmp_path / "ds_config.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2,
+                              "zero_optimization": {"stage": 2, "reduce_bucket_size": 0, "reduce_bucket_sizee": 5}}))
+    r = subprocess.run([sys.executable, "-m", "trellis", "train", "tiny-llama", "--deepspeed", str(ds),
+                        "--parallel.dp=1", "--data.seq_len=32", "--train.steps=1", "--logging.progress=none",
+                        f"--logging.metrics_file={tmp_path / 'm.jsonl'}"], cwd=repo, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = sorted(line for line in r.stderr.splitlines() if line.startswith("error:"))
+    assert errors == [
+        f"error: --deepspeed {ds}: zero_optimization.reduce_bucket_size: Input should be greater than 0 (got 0); "
+        "fix or remove it (DeepSpeed's config schema)",
+        f"error: --deepspeed {ds}: zero_optimization.reduce_bucket_sizee: Extra inputs are not permitted (got 5); "
+        "fix or remove it (DeepSpeed's config schema)"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "ValidationError" not in r.stderr
