@@ -47,10 +47,10 @@ def encode_batch(data_cfg, tokenizer, records: Sequence[tuple[dict | str, str]])
         responses = [_string(rec, data_cfg.response_field, "response_field", loc) for rec, loc in records]
         return _encode_pairs(tokenizer, prompts, responses, data_cfg.train_on_prompt)
     if data_cfg.type == "chat":
-        template = chat_template(data_cfg, tokenizer)
-        convs = [(_messages(_field(_fields(rec, loc), data_cfg.messages_field, "messages_field", loc), loc,
-                            data_cfg.messages_field), 0, loc) for rec, loc in records]
-        return _encode_chats(tokenizer, template, convs, data_cfg.train_on_prompt, data_cfg.messages_field)
+        field = data_cfg.messages_field
+        convs = [(_conversation(_field(_fields(rec, loc), field, "messages_field", loc), loc, field), 0, loc)
+                 for rec, loc in records]
+        return _encode_chats(tokenizer, chat_template(data_cfg, tokenizer), convs, data_cfg.train_on_prompt)
     if data_cfg.type == "preference":
         return _encode_preference(data_cfg, tokenizer, records)
     raise ConfigError(f"data.type={data_cfg.type!r}: use 'text', 'prompt_response', 'chat' or 'preference'")
@@ -125,10 +125,13 @@ def _messages(value, loc: str, field: str) -> list[dict]:
     return value
 
 
-def _require_assistant(messages: list[dict], first: int, loc: str, field: str) -> None:
-    if not any(m["role"] == "assistant" for m in messages[first:]):
+def _conversation(value, loc: str, field: str) -> list[dict]:
+    """_messages with at least one assistant turn (what is trained on)."""
+    messages = _messages(value, loc, field)
+    if not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{loc}: {field} has no assistant message to train on; add the assistant's reply "
                           "(or drop the record)")
+    return messages
 
 
 # --- encoders ------------------------------------------------------------------------------------------------------
@@ -196,12 +199,11 @@ def _assistant_spans(tokenizer, template: str, messages: list[dict], first: int,
 
 
 def _encode_chats(tokenizer, template: str, convs: list[tuple[list[dict], int, str]],
-                  train_on_prompt: bool, field: str = "messages") -> list[Sample]:
+                  train_on_prompt: bool) -> list[Sample]:
     """(messages, index of the first message that may count, location) → samples masked on the assistant turns
     from that index on (all tokens with train_on_prompt)."""
     texts, spans = [], []
     for messages, first, loc in convs:
-        _require_assistant(messages, first, loc, field)
         full = _render(tokenizer, template, messages, loc)
         texts.append(full)
         spans.append([] if train_on_prompt else _assistant_spans(tokenizer, template, messages, first, full, loc))
@@ -233,8 +235,8 @@ def _encode_preference(data_cfg, tokenizer, records) -> list[PreferenceSample]:
             prompt = rec.get(data_cfg.prompt_field, [])
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
             prompt = _messages(prompt, loc, data_cfg.prompt_field) if prompt else []
-            chats.append((pos, prompt, _messages(chosen, loc, data_cfg.chosen_field),
-                          _messages(rejected, loc, data_cfg.rejected_field), loc))
+            chats.append((pos, prompt, _conversation(chosen, loc, data_cfg.chosen_field),
+                          _conversation(rejected, loc, data_cfg.rejected_field), loc))
         else:
             strings.append((pos, _prompt(data_cfg, rec, loc), _string(rec, data_cfg.chosen_field, "chosen_field", loc),
                             _string(rec, data_cfg.rejected_field, "rejected_field", loc)))
@@ -249,9 +251,9 @@ def _encode_preference(data_cfg, tokenizer, records) -> list[PreferenceSample]:
     if chats:
         template = chat_template(data_cfg, tokenizer)
         chosen = _encode_chats(tokenizer, template, [(p + c, len(p), loc) for _, p, c, _, loc in chats],
-                               data_cfg.train_on_prompt, data_cfg.chosen_field)
+                               data_cfg.train_on_prompt)
         rejected = _encode_chats(tokenizer, template, [(p + r, len(p), loc) for _, p, _, r, loc in chats],
-                                 data_cfg.train_on_prompt, data_cfg.rejected_field)
+                                 data_cfg.train_on_prompt)
         for (pos, *_), c, r in zip(chats, chosen, rejected):
             out[pos] = PreferenceSample(c, r)
     return out

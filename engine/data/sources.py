@@ -118,12 +118,8 @@ def _text(f: Path) -> Iterator[tuple[Record, str]]:
 
 
 def _json(f: Path) -> Iterator[tuple[Record, str]]:
-    """JSON Lines, or a file that is one JSON array of records (its first non-blank character is '[')."""
-    with open(f, "rb") as fh:
-        head = b""
-        while not head and (chunk := fh.read(1 << 16)):
-            head = chunk.lstrip()
-    if head.startswith(b"["):
+    """JSON Lines, or (a .json file) one JSON array of records: its first non-blank character is '['."""
+    if f.suffix == ".json" and _first_byte(f) == b"[":
         try:
             records = json.loads(_decode(f.read_bytes(), f))
         except json.JSONDecodeError as err:
@@ -143,6 +139,14 @@ def _json(f: Path) -> Iterator[tuple[Record, str]]:
                 raise ConfigError(f"data.path: {f}:{lineno} is not valid JSON ({err.msg}); fix the line, or use "
                                   "data.format='text' for plain text") from None
             yield _record(rec, f"{f}:{lineno}"), f"{f}:{lineno}"
+
+
+def _first_byte(f: Path) -> bytes:
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 16):
+            if head := chunk.lstrip():
+                return head[:1]
+    return b""
 
 
 def _record(rec, loc: str) -> dict:
