@@ -63,7 +63,8 @@ def chat_template(data_cfg, tokenizer) -> str:
         if getattr(tokenizer, "chat_template", None):
             return tokenizer.chat_template
         raise ConfigError("data.chat_template: the tokenizer has no chat_template to render chats with; set "
-                          f"data.chat_template to a Jinja file or a shipped template ({', '.join(shipped_chat_templates())})")
+                          "data.chat_template to a Jinja file or a shipped template "
+                          f"({', '.join(shipped_chat_templates())})")
     path = CHAT_TEMPLATE_DIR / f"{name}.jinja" if name in shipped_chat_templates() else Path(name)
     if not path.is_file():
         raise ConfigError(f"data.chat_template={name!r}: no such file and not a shipped template "
@@ -177,7 +178,8 @@ def _render(tokenizer, template: str, messages: list[dict], loc: str, generation
         return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
                                              add_generation_prompt=generation_prompt)
     except TemplateError as err:
-        raise ConfigError(f"data.chat_template: rendering {loc} failed: {err}; fix the record or the template") from None
+        raise ConfigError(f"data.chat_template: rendering {loc} failed: {err}; fix the record or the "
+                          "template") from None
 
 
 def _assistant_spans(tokenizer, template: str, messages: list[dict], first: int, full: str, loc: str):

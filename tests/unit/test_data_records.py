@@ -236,9 +236,10 @@ def _bad_file(tmp_path, name: str, content: bytes | str):
 
 BAD = [  # (file name, content, DataConfig fields, substrings of the one message)
     ("m.jsonl", '{"instruction": "x", "output": "y"}\n', {"type": "prompt_response"},
-     ["data.prompt_field='prompt'", "m.jsonl:1 has no field 'prompt'", "['instruction', 'output']", "set data.prompt_field"]),
-    ("t.jsonl", '{"instruction": "x", "output": "y"}\n', {"type": "prompt_response", "prompt_template": "{instruction} {inp}",
-                                                         "response_field": "output"},
+     ["data.prompt_field='prompt'", "m.jsonl:1 has no field 'prompt'", "['instruction', 'output']",
+      "set data.prompt_field"]),
+    ("t.jsonl", '{"instruction": "x", "output": "y"}\n',
+     {"type": "prompt_response", "prompt_template": "{instruction} {inp}", "response_field": "output"},
      ["data.prompt_template", "t.jsonl:1 has no field 'inp'"]),
     ("r.jsonl", '{"messages": [{"role": "bot", "content": "x"}]}\n', {"type": "chat"},
      ["r.jsonl:1", "messages[0] has role 'bot'", "system, user, assistant, tool"]),
