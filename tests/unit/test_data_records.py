@@ -168,11 +168,16 @@ def test_preference_conversational_form(chat_tok):
     batch = [({"prompt": user, "chosen": good, "rejected": bad}, "p.jsonl:1"),
              ({"chosen": user + good, "rejected": user + bad}, "p.jsonl:2"),
              ({"prompt": "Hello there", "chosen": " Hi!", "rejected": " No."}, "p.jsonl:3")]
-    explicit, implicit, text = encode_batch(cfg, chat_tok, batch)
+    earlier = user + [{"role": "assistant", "content": "Earlier."}, {"role": "user", "content": "Again"}]
+    batch.append(({"prompt": earlier, "chosen": good, "rejected": bad}, "p.jsonl:4"))
+    explicit, implicit, text, multi = encode_batch(cfg, chat_tok, batch)
     for p in (explicit, implicit):
         _check(p.chosen, *_by_hand(chat_tok, [(head, False), ("Hi!<|im_end|>\n", True)]))
         _check(p.rejected, *_by_hand(chat_tok, [(head, False), ("Go away.<|im_end|>\n", True)]))
     _check(text.chosen, *_by_hand(chat_tok, [("Hello there", False), (" Hi!", True)], eos=True))
+    # an assistant turn inside the prompt is context, not trained on
+    head += "Earlier.<|im_end|>\n<|im_start|>user\nAgain<|im_end|>\n<|im_start|>assistant\n"
+    _check(multi.chosen, *_by_hand(chat_tok, [(head, False), ("Hi!<|im_end|>\n", True)]))
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
