@@ -201,12 +201,15 @@ def test_parquet_arrow_glob_and_forced_format(tmp_path):
     table = pa.Table.from_pylist(ROWS)
     pq.write_table(table, tmp_path / "x.parquet", row_group_size=2)
     with pa.OSFile(str(tmp_path / "y.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
+        w.write_table(table)  # the Arrow IPC file format
+    with pa.OSFile(str(tmp_path / "w.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=2)  # the IPC stream format `datasets` writes, two batches
     (tmp_path / "z.ndjson").write_text(json.dumps(ROWS[2]) + "\n")
     got = list(iter_records(DataConfig(path=str(tmp_path / "*.parquet"))))
     assert got == [(r, f"{tmp_path}/x.parquet#row {i}") for i, r in enumerate(ROWS)]
-    got = list(iter_records(DataConfig(path=str(tmp_path / "y.arrow"))))
-    assert got == [(r, f"{tmp_path}/y.arrow#row {i}") for i, r in enumerate(ROWS)]
+    for name in ("y.arrow", "w.arrow"):
+        got = list(iter_records(DataConfig(path=str(tmp_path / name))))
+        assert got == [(r, f"{tmp_path}/{name}#row {i}") for i, r in enumerate(ROWS)]
     assert list(iter_records(DataConfig(path=str(tmp_path / "z.ndjson"), format="jsonl"))) == [
         (ROWS[2], f"{tmp_path}/z.ndjson:1")]
     assert source_files(DataConfig(path=str(tmp_path / "*.parquet"))) == [tmp_path / "x.parquet"]
