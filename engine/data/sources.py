@@ -20,8 +20,8 @@ from trellis.errors import ConfigError
 
 # extension -> storage format; ".json" holds JSON Lines or one JSON array of records (sniffed)
 EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
-# a directory holding one of these was written by `datasets` (Dataset / DatasetDict.save_to_disk)
-_DATASETS_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
+# the files `datasets` writes: Dataset.save_to_disk (both) and DatasetDict.save_to_disk
+_DATASET_MARKERS, _DATASET_DICT_MARKER = ("state.json", "dataset_info.json"), "dataset_dict.json"
 _ROWS_PER_BATCH = 1024
 
 Record = dict | str
@@ -36,7 +36,7 @@ def _supported() -> str:
 
 
 def is_datasets_dir(p: Path) -> bool:
-    return p.is_dir() and any((p / m).is_file() for m in _DATASETS_MARKERS)
+    return (p / _DATASET_DICT_MARKER).is_file() or all((p / m).is_file() for m in _DATASET_MARKERS)
 
 
 def _sources(data_cfg, path: str) -> list[Path]:
