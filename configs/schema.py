@@ -30,10 +30,28 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    # A .txt / .jsonl file or a directory of them; "builtin:demo" = the corpus shipped with trellis.
+    # A file, a directory (recursive), a glob, or a `datasets.save_to_disk` directory of .txt / .jsonl / .json /
+    # .parquet / .arrow files; "builtin:demo" = the corpus shipped with trellis (docs/DATA.md "Sources").
     path: str = "builtin:demo"
-    format: Literal["auto", "text", "jsonl"] = "auto"
+    # What a record is: the pretraining text stream, a prompt + response, a chat (messages) or a preference pair.
+    type: Literal["text", "prompt_response", "chat", "preference"] = "text"
+    # Storage format of the files; "auto" picks by extension, any other value reads every file that way.
+    format: Literal["auto", "text", "jsonl", "parquet", "arrow"] = "auto"
     text_field: str = "text"
+    # Record fields read by data.type prompt_response / chat / preference.
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # The prompt as a str.format template over the record's fields, or a shipped name ("alpaca"); "" = prompt_field.
+    prompt_template: str = ""
+    # Jinja chat template: a file or a shipped name ("chatml"); "" = the tokenizer's own chat_template.
+    chat_template: str = ""
+    # Count the prompt / system / user tokens in the loss too (default: only the response / assistant tokens).
+    train_on_prompt: bool = False
+    # A sample longer than a row: "right" = cut its end, "drop" = leave it out (counted in the run summary).
+    truncation: Literal["right", "drop"] = "right"
     seq_len: int = 128
     shuffle: bool = True
 

@@ -5,10 +5,12 @@ at start-up."""
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from trellis.errors import ConfigError
 
+from .data_templates import PROMPT_TEMPLATES, shipped_chat_templates
 from .schema import PEFT_PROMPT_METHODS, TRAJECTORY_FIELDS, TrainConfig
 
 # PEFT methods known to break inside peft on a 4-bit base (measured: LoKr/LoHa/HRA).
@@ -128,7 +130,34 @@ def _train(cfg: TrainConfig) -> list[str]:
 
 
 def _data(cfg: TrainConfig) -> list[str]:
-    return [f"data.seq_len={cfg.data.seq_len}: must be >= 2"] if cfg.data.seq_len < 2 else []
+    d = cfg.data
+    e = [f"data.seq_len={d.seq_len}: must be >= 2"] if d.seq_len < 2 else []
+    for name in ("text_field", "prompt_field", "response_field", "messages_field", "chosen_field", "rejected_field"):
+        if not getattr(d, name):
+            e.append(f"data.{name}: must name a record field, got ''")
+    e.extend(prompt_template_errors(d.prompt_template))
+    if d.chat_template and d.chat_template not in shipped_chat_templates() and not Path(d.chat_template).is_file():
+        e.append(f"data.chat_template={d.chat_template!r}: no such file and not a shipped template "
+                 f"({', '.join(shipped_chat_templates())}); give a Jinja file or a shipped name")
+    return e
+
+
+def prompt_template_errors(template: str) -> list[str]:
+    """data.prompt_template is "", a shipped name, or a str.format string naming at least one record field."""
+    if not template or template in PROMPT_TEMPLATES:
+        return []
+    if "{" not in template:
+        return [f"data.prompt_template={template!r}: not a shipped template ({', '.join(PROMPT_TEMPLATES)}) and "
+                "names no field; write a str.format template such as '{instruction}\\n\\n{input}'"]
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as err:
+        return [f"data.prompt_template={template!r}: not a valid str.format template ({err}); write fields as "
+                "{name} and literal braces as {{ }}"]
+    if not all(n.isidentifier() for n in names):
+        return [f"data.prompt_template={template!r}: fields must be plain record field names like {{instruction}} "
+                f"(got {[n for n in names if not n.isidentifier()]})"]
+    return []
 
 
 def _precision(cfg: TrainConfig) -> list[str]:
