@@ -1,7 +1,8 @@
 """`trellis submit`: render an sbatch script from slurm/templates/ (or go through submitit), submit it, follow it.
 
 Two job shapes: per-task (one Slurm task per rank, rank env from SLURM_*) and per-node (one task per node
-running torchrun). Each rank runs `trellis train CONFIG`, or a user's `SCRIPT.py args` (SubmitSpec.script). Both trap the warning signal (default USR1, 90 s before the time limit), let the ranks save a
+running torchrun). Each rank runs `trellis train CONFIG`, or a user's `SCRIPT.py args` (SubmitSpec.script).
+Both trap the warning signal (default USR1, 90 s before the time limit), let the ranks save a
 checkpoint, and requeue; a requeued job (SLURM_RESTART_COUNT > 0) resumes with --checkpoint.resume=auto (a script reads
 SLURM_RESTART_COUNT itself: its arguments are never changed).
 """

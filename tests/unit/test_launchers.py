@@ -202,7 +202,7 @@ def test_a_config_positional_keeps_overrides_and_options_after_it(capsys, repo, 
                                                     "--train.steps=2"]
 
 
-@pytest.mark.parametrize("argv,needle", [(["--train.steps=2", "my train.py"], "dotted overrides apply to a trellis config"),
+@pytest.mark.parametrize("argv,needle", [(["--train.steps=2", "my train.py"], "dotted overrides apply to a trellis"),
                                          (["missing.py"], "missing.py: no such script")])
 def test_script_errors_exit_2(capsys, user_script, argv, needle):
     assert main(["launch", "--dry-run", *argv]) == 2
