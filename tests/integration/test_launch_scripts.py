@@ -1,7 +1,7 @@
 """`trellis launch [--launcher L] SCRIPT.py [args]` and `trellis submit ... SCRIPT.py [args]` run a user script on
-every rank of a real torchrun / Open MPI / DeepSpeed-launcher / Slurm job: each rank finds its rank and world size
-through the launcher's environment, a gloo all-reduce over the job is right, and the script gets exactly the
-arguments written after it (including ones that look like trellis' own options)."""
+every rank of a real torchrun / Open MPI / DeepSpeed-launcher / srun / sbatch job: each rank finds its rank and
+world size through the launcher's environment, a gloo all-reduce over the job is right, and the script gets exactly
+the arguments written after it (including ones that look like trellis' own options)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,10 @@ def test_submit_runs_the_script_on_every_rank(slurm_env, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "ended: COMPLETED, exit code 0" in r.stderr
     assert {rep["source"] for rep in _reports(out, 2)} == {"slurm"}
+
+
+def test_launch_srun_runs_the_script_on_every_rank(slurm_env, tmp_path):
+    r = run_trellis(["launch", "--launcher", "srun", "--nnodes", "2", "--nproc-per-node", "1", "--timeout", "150",
+                     SCRIPT, "--out", str(tmp_path), *ARGS], 200, slurm_env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert {rep["source"] for rep in _reports(tmp_path, 2)} == {"slurm"}
