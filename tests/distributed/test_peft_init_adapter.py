@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -57,16 +55,49 @@ def _probe(trainer) -> torch.Tensor:
     return (lg.full_tensor() if isinstance(lg, DTensor) else lg).detach().clone()
 
 
-def _engine_run(rank: int, world: int, overrides: dict) -> dict:
+def _engine_run(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
+    """Each scenario's probe logits before / after training and losses, or its ConfigError's text."""
     from trellis.engine.distributed import init_distributed
     from trellis.engine.trainer import Trainer
+    from trellis.errors import ConfigError
 
     ctx = init_distributed(120.0)
-    trainer = Trainer(configs.load("tiny-llama", overrides), ctx)
-    before = _probe(trainer)
-    trainer.train()
-    records = [json.loads(x) for x in open(overrides["logging.metrics_file"])] if rank == 0 else []
-    return {"before": before, "after": _probe(trainer), "losses": [r["loss"] for r in records]}
+    out = []
+    for overrides in scenarios:
+        try:
+            trainer = Trainer(configs.load("tiny-llama", overrides), ctx)
+        except ConfigError as e:  # what run_rank turns into `error: ...`, exit 2
+            torch.distributed.barrier()
+            out.append({"error": str(e)})
+            continue
+        before = _probe(trainer)
+        trainer.train()
+        records = [json.loads(x) for x in open(overrides["logging.metrics_file"])] if rank == 0 else []
+        out.append({"before": before, "after": _probe(trainer), "losses": [r["loss"] for r in records]})
+    return out
+
+
+def _other_base(adapter, tmp):
+    """The adapter with the same names but another base's shapes (a q_proj twice as wide)."""
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy(adapter, tmp, "other-base")
+    state = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in state if "q_proj.lora_A" in k)
+    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] * 2)
+    save_file(state, str(bad / "adapter_model.safetensors"))
+    return bad, key
+
+
+@pytest.fixture(scope="module")
+def engine(adapter, tmp_path_factory):
+    """One dp2·tp2 group: the adapter of another base (refused on the ranks), then the real continuation."""
+    tmp = tmp_path_factory.mktemp("engine")
+    bad, key = _other_base(adapter, tmp)
+    good = {**RUN, "peft.init_adapter": str(adapter), "logging.metrics_file": str(tmp / "m.jsonl")}
+    scenarios = [{**good, "peft.init_adapter": str(bad), "logging.metrics_file": str(tmp / "bad.jsonl")}, good]
+    per_rank = run_ranks(4, _engine_run, scenarios, timeout=400)
+    return {"bad": [r[0] for r in per_rank], "bad_key": key, "good": per_rank[0][1], "overrides": good}
 
 
 def _peft_reference(cfg, adapter_dir, dtype: torch.dtype = torch.float32):
@@ -104,9 +135,9 @@ def _peft_reference(cfg, adapter_dir, dtype: torch.dtype = torch.float32):
     return before, base_logits, losses, after
 
 
-def test_dp2_tp2_continues_a_peft_adapter_like_peft(adapter, tmp_path):
-    overrides = {**RUN, "peft.init_adapter": str(adapter), "logging.metrics_file": str(tmp_path / "m.jsonl")}
-    engine = run_ranks(4, _engine_run, overrides, timeout=400)[0]
+def test_dp2_tp2_continues_a_peft_adapter_like_peft(adapter, engine):
+    overrides = engine["overrides"]
+    engine = engine["good"]
     before, base_logits, losses, after = _peft_reference(configs.load("tiny-llama", overrides), adapter)
     d_before = (engine["before"] - before).abs().max().item()
     d_loss = max(abs(a - b) for a, b in zip(engine["losses"], losses))
@@ -173,21 +204,10 @@ def test_bad_adapters_are_refused_before_ranks_start(adapter, tmp_path, capsys, 
         assert all(n in err for n in needles) and "Traceback" not in err, (argv, err)
 
 
-def test_adapter_of_another_base_is_a_config_error_on_the_ranks(adapter, tmp_path):
-    """Same names, other shapes (a wider model's q_proj): found on the ranks before the first step, exit 2."""
-    from safetensors.torch import load_file, save_file
-
-    bad = _copy(adapter, tmp_path, "other-base")
-    state = load_file(str(bad / "adapter_model.safetensors"))
-    key = next(k for k in state if "q_proj.lora_A" in k)
-    state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] * 2)
-    save_file(state, str(bad / "adapter_model.safetensors"))
-    r = subprocess.run([sys.executable, "-m", "trellis", "train", "tiny-llama", "--parallel.dp=1", "--train.steps=1",
-                        "--peft.method=lora", "--peft.r=4", "--peft.alpha=8", f"--peft.init_adapter={bad}",
-                        "--logging.progress=none", "--logging.metrics_file="],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stderr[-3000:]
-    assert "another base model (shape mismatch" in r.stderr and key in r.stderr and "Traceback" not in r.stderr
+def test_adapter_of_another_base_is_a_config_error_on_the_ranks(engine):
+    """Same names, other shapes: found on every rank before the first step (a ConfigError: exit 2 from the CLI)."""
+    for result in engine["bad"]:
+        assert "another base model (shape mismatch" in result["error"] and engine["bad_key"] in result["error"]
 
 
 @pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3"])
