@@ -14,6 +14,8 @@ from typing import Literal
 PEFT_PROMPT_METHODS = ("prefix", "prompt", "ptuning", "ptuning_v2")
 # of those, the ones with a key/value prefix per layer (prefix tuning; P-tuning v2 = its reparameterised form)
 PEFT_PREFIX_METHODS = ("prefix", "ptuning_v2")
+# peft.method values whose PEFT-format adapters peft.init_adapter can continue (engine/peft/init_adapter.py)
+PEFT_INIT_ADAPTER_METHODS = ("lora", "rslora", "dora", "qlora", "ia3")
 
 
 @dataclass(kw_only=True)
@@ -156,6 +158,8 @@ class PeftConfig:
     adalora_beta1: float = 0.85
     adalora_beta2: float = 0.85
     adalora_orth_reg_weight: float = 0.5
+    # A PEFT-format adapter dir (adapter_config.json + adapter_model.safetensors) to continue training from.
+    init_adapter: str = ""
 
 
 # Config fields that change what a run trains on or how (its trajectory). A resume that changes one is refused

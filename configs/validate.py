@@ -11,7 +11,7 @@ from pathlib import Path
 from trellis.errors import ConfigError
 
 from .data_templates import PROMPT_TEMPLATES, shipped_chat_templates
-from .schema import PEFT_PROMPT_METHODS, TRAJECTORY_FIELDS, TrainConfig
+from .schema import PEFT_INIT_ADAPTER_METHODS, PEFT_PROMPT_METHODS, TRAJECTORY_FIELDS, TrainConfig
 
 # PEFT methods known to break inside peft on a 4-bit base (measured: LoKr/LoHa/HRA).
 _NO_4BIT_METHODS = ("lokr", "loha", "hra")
@@ -61,10 +61,18 @@ def global_batch_errors(cfg: TrainConfig, dp: int) -> list[str]:
 def validate(cfg: TrainConfig) -> None:
     """Every section's rules; all problems in one ConfigError."""
     e: list[str] = []
-    for section in (_parallel, _train, _data, _precision, _zero, _peft, _checkpoint, _logging, _launcher):
+    for section in (_model, _parallel, _train, _data, _precision, _zero, _peft, _checkpoint, _logging, _launcher):
         e.extend(section(cfg))
     if e:
         raise ConfigError(e)
+
+
+def _model(cfg: TrainConfig) -> list[str]:
+    p = Path(cfg.model.path)
+    if p.is_dir() and (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        return [f"model.path={cfg.model.path!r} is a PEFT adapter (adapter_config.json), not a model; set model.path "
+                f"to its base model and peft.init_adapter={cfg.model.path!r} to continue training the adapter"]
+    return []
 
 
 def _parallel(cfg: TrainConfig) -> list[str]:
@@ -213,6 +221,9 @@ def _peft(cfg: TrainConfig) -> list[str]:
             e.append(f"peft.num_virtual_tokens={cfg.peft.num_virtual_tokens}: must be >= 1")
         if cfg.peft.method == "adalora":
             e.extend(_adalora_errors(cfg))
+    if cfg.peft.init_adapter and cfg.peft.method not in PEFT_INIT_ADAPTER_METHODS:
+        e.append(f"peft.init_adapter is set but peft.method={cfg.peft.method!r}; continuing an adapter supports "
+                 f"peft.method {', '.join(PEFT_INIT_ADAPTER_METHODS)} (set it to the adapter's method)")
     return e
 
 

@@ -11,6 +11,7 @@ from trellis.errors import UserError
 from .backends import check_supported
 from .checkpoint.lease import release_all
 from .distributed import init_distributed, launcher_rank_env, shutdown
+from .peft.inject import check_init_adapter
 from .process_tree import rank_exit_code
 from .spawn import spawn_local_ranks
 from .trainer import train_this_rank
@@ -23,6 +24,7 @@ def local_world_size(cfg) -> int:
 def run_training(cfg, argv: list[str]) -> int:
     # Refuse what the backend cannot do on this machine before any rank starts (e.g. DeepSpeed fp16 on a CPU).
     check_supported(cfg)
+    check_init_adapter(cfg)  # peft.init_adapter's files and adapter_config.json
     if launcher_rank_env() is None:
         world = local_world_size(cfg)
         if world > 1:

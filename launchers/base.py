@@ -1,7 +1,8 @@
 """The launcher seam: a LaunchSpec in, a pure `build_command(spec) -> (argv, env)` out, and `run` that executes it.
 
-Every launcher starts the same per-rank entry point, `python -m trellis train CONFIG [overrides]`; the rank
-reads its rank/world/master from the launcher's environment (launchers/rank_env.py).
+Every launcher starts the same per-rank entry point on every rank: `python -m trellis train CONFIG [overrides]`,
+or a user's `python SCRIPT.py [args]` (`trellis launch SCRIPT.py`); either reads its rank/world/master from the
+launcher's environment (launchers/rank_env.py, through engine/distributed.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ DEFAULT_PORT = 29500
 
 @dataclass(kw_only=True)
 class LaunchSpec:
-    config: str
+    config: str = ""
+    # A user script run on every rank instead of `trellis train` (its arguments are passed through untouched).
+    script: str = ""
+    script_args: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
     nnodes: int = 1
     nproc_per_node: int = 1
@@ -42,7 +46,9 @@ class LaunchSpec:
     python: str = "python"
 
     def rank_argv(self) -> list[str]:
-        """What each rank runs, after the interpreter."""
+        """What each rank runs, after the interpreter: the user's script, or `-m trellis train`."""
+        if self.script:
+            return [self.script, *self.script_args]
         return ["-m", "trellis", "train", self.config, *self.overrides]
 
 

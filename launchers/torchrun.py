@@ -1,4 +1,5 @@
-"""torchrun: `--standalone` on one node; c10d rendezvous at ADDR:PORT across nodes (run it on every node)."""
+"""torchrun: `--standalone` on one node; c10d rendezvous at ADDR:PORT across nodes (run it on every node).
+Ranks run `-m trellis train ...` or the user's script (torchrun's own `SCRIPT.py args` form)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """`trellis submit`: render an sbatch script from slurm/templates/ (or go through submitit), submit it, follow it.
 
 Two job shapes: per-task (one Slurm task per rank, rank env from SLURM_*) and per-node (one task per node
-running torchrun). Both trap the warning signal (default USR1, 90 s before the time limit), let the ranks save a
-checkpoint, and requeue; a requeued job (SLURM_RESTART_COUNT > 0) resumes with --checkpoint.resume=auto.
+running torchrun). Each rank runs `trellis train CONFIG`, or a user's `SCRIPT.py args` (SubmitSpec.script).
+Both trap the warning signal (default USR1, 90 s before the time limit), let the ranks save a
+checkpoint, and requeue; a requeued job (SLURM_RESTART_COUNT > 0) resumes with --checkpoint.resume=auto (a script reads
+SLURM_RESTART_COUNT itself: its arguments are never changed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ SBATCH_HINT = ("install the Slurm client (Debian/Ubuntu: apt-get install slurm-c
 
 @dataclass(kw_only=True)
 class SubmitSpec:
-    config: str
+    config: str = ""
+    # A user script run on every rank instead of `trellis train` (arguments passed through untouched).
+    script: str = ""
+    script_args: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
     nodes: int = 1
     gpus_per_node: int = 0
@@ -76,8 +81,10 @@ def text_errors(spec: SubmitSpec) -> list[str]:
     fields = [("--job-name", spec.job_name), ("--partition", spec.partition), ("--account", spec.account),
               ("--qos", spec.qos), ("--constraint", spec.constraint), ("--log-dir", spec.log_dir),
               ("--time", spec.time), ("--signal", spec.signal), ("the working directory", spec.workdir),
-              ("the Python interpreter path", spec.python), ("the config path", spec.config)]
+              ("the Python interpreter path", spec.python), ("the config path", spec.config),
+              ("the script path", spec.script)]
     fields += [(f"the override {o.split('=', 1)[0][:60]!s}", o) for o in spec.overrides]
+    fields += [(f"the script argument {i + 1}", a) for i, a in enumerate(spec.script_args)]
     errors = []
     for name, value in fields:
         ch = _unsafe_char(value)
@@ -158,6 +165,14 @@ def _fill(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", sub, text)
 
 
+def rank_args(spec: SubmitSpec) -> str:
+    """What every rank runs after the interpreter, as shell words: the user's script and its arguments, or
+    `-m trellis train CONFIG overrides` plus the resume flag of a requeued job (the template's RESUME array)."""
+    if spec.script:
+        return shlex.join([spec.script, *spec.script_args])
+    return shlex.join(["-m", "trellis", "train", spec.config, *spec.overrides]) + ' "${RESUME[@]}"'
+
+
 def render_sbatch(spec: SubmitSpec) -> str:
     """The job script, as text. Pure (no Slurm needed), so --dry-run and unit tests see exactly what is sent."""
     validate(spec)
@@ -167,7 +182,7 @@ def render_sbatch(spec: SubmitSpec) -> str:
         "workdir": shlex.quote(spec.workdir),
         "exports": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in spec.exports.items()),
         "python": shlex.quote(spec.python),
-        "train_args": shlex.join([spec.config, *spec.overrides]),
+        "rank_args": rank_args(spec),
         "ntasks_per_node": str(spec.ranks_per_node),
         "nproc_per_node": str(spec.ranks_per_node),
         "signal_name": sig,
@@ -290,6 +305,8 @@ class TrainTask:
 def submit_submitit(spec: SubmitSpec):
     """Submit through submitit (per-task only); returns the submitit Job."""
     validate(spec)
+    if spec.script:
+        raise UserError(f"--via submitit runs `trellis train`; submit the script {spec.script} with --via sbatch")
     if spec.mode != "per-task":
         raise UserError("--via submitit runs one task per rank; use --mode per-task or --via sbatch")
     if not spec.time:

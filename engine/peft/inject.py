@@ -11,6 +11,8 @@ are tagged and the LoRA-aware TP plan quantizes each rank's shard (parallel/quan
 Prompt tuning / P-tuning / prefix tuning / P-tuning v2 attach peft's prompt module in place
 (engine/peft/prompt.py; per-layer K/V prefixes are refused under interleaved 1F1B with a clear error) and the
 injector returns the `PromptHooks` parallelize() passes to the pipeline stages (None for adapter methods).
+`peft.init_adapter` fills the injected adapters from a PEFT-format directory (engine/peft/init_adapter.py), still
+before partitioning.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import torch
 
 from trellis.configs.schema import PEFT_PROMPT_METHODS
 from trellis.errors import ConfigError
+from trellis.parallel.models import family_for
 from trellis.parallel.prompt_hooks import PromptHooks
 from trellis.parallel.quant4bit import mark_for_tp_quantization, quantize_blocks
 
+from ..model import load_hf_config
+from .init_adapter import check_agrees, load_init_adapter, read_adapter_config, refuse_unfused_families
 from .prompt import attach_prompt_learning
 from .quantize import quant_spec
 
@@ -76,6 +81,18 @@ def adapter_seed(cfg) -> int:
     return cfg.train.seed + 7919
 
 
+def check_init_adapter(cfg) -> None:
+    """peft.init_adapter's checks that need no model weights, in the launching process before any rank starts:
+    files present (safetensors), and adapter_config.json agreeing with cfg.peft on this model's family."""
+    if not cfg.peft.init_adapter:
+        return
+    ac = read_adapter_config(cfg)
+    _, hf = load_hf_config(cfg.model)
+    spec = family_for(hf.model_type)
+    refuse_unfused_families(cfg, spec)
+    check_agrees(cfg, ac, build_peft_config(cfg, spec, cfg.train.steps))
+
+
 def make_injector(cfg):
     """`inject(model, spec) -> PromptHooks | None` for parallelize(): adds adapters (or the prompt module) in
     place and freezes the base; prompt learning returns what the pipeline stages need to know."""
@@ -109,6 +126,8 @@ def make_injector(cfg):
             prm.requires_grad_(_is_adapter_param(n))
         if not any(prm.requires_grad for prm in model.parameters()):
             raise ConfigError(f"peft.target_modules={pc.target_modules}: no module of the model matched")
+        if cfg.peft.init_adapter:
+            load_init_adapter(model, spec, cfg, pc)
         return None
 
     return inject

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 
 from trellis.cli import main
@@ -134,3 +136,88 @@ def test_cli_launcher_flag_wins_over_the_config(capsys, repo, monkeypatch):
     assert main(["launch", "--launcher", "torchrun", "configs/tiny-llama.toml", "--dry-run",
                  "--launcher.name=deepspeed"]) == 0
     assert capsys.readouterr().out.split()[0] == "torchrun"
+
+
+# ---- `trellis launch [opts] SCRIPT.py [args]`: a user script on every rank ----------------------------------
+SCRIPT_ARGS = ["--lr", "3", "--nproc-per-node", "9", "it's a \"b\" $(x)"]
+
+
+def script_spec(**kw) -> LaunchSpec:
+    return LaunchSpec(script="train.py", script_args=list(SCRIPT_ARGS), **kw)
+
+
+def test_every_launcher_runs_the_script_with_its_arguments():
+    argv, _ = TorchrunLauncher().build_command(script_spec(nproc_per_node=2))
+    assert argv == ["torchrun", "--nnodes", "1", "--nproc-per-node", "2", "--standalone", "train.py", *SCRIPT_ARGS]
+    argv, _ = DeepSpeedLauncher().build_command(script_spec(nproc_per_node=2))
+    assert argv == ["deepspeed", "--num_nodes", "1", "--num_gpus", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", "29500", "--no_local_rank", "train.py", *SCRIPT_ARGS]
+    argv, _ = MpirunLauncher("openmpi", as_root=False).build_command(script_spec(nproc_per_node=2))
+    assert argv == ["mpirun", "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "PATH", "python",
+                    "train.py", *SCRIPT_ARGS]
+    argv, _ = MpirunLauncher("mpich").build_command(script_spec(nproc_per_node=2))
+    assert argv == ["mpirun", "-n", "2", "-ppn", "2", "python", "train.py", *SCRIPT_ARGS]
+    argv, _ = SrunLauncher().build_command(script_spec(nnodes=2, nproc_per_node=1))
+    assert argv == ["srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+                    "--mpi=none", "python", "train.py", *SCRIPT_ARGS]
+
+
+@pytest.fixture
+def user_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my train.py").write_text("print('hi')\n")
+    return "my train.py"
+
+
+def test_everything_after_the_script_is_the_scripts(capsys, user_script):
+    """torchrun's rule: `--nproc-per-node 9` and `--dry-run` after the script are its arguments, not ours."""
+    assert main(["launch", "--dry-run", "--nproc-per-node", "2", user_script, *SCRIPT_ARGS, "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip()
+    # The printed command is copyable: the shell gives back exactly the argv, quotes and all.
+    assert shlex.split(out) == ["torchrun", "--nnodes", "1", "--nproc-per-node", "2", "--standalone", user_script,
+                                *SCRIPT_ARGS, "--dry-run"]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun", "srun"])
+def test_script_defaults_one_rank_and_option_values_are_not_scripts(capsys, user_script, launcher):
+    """`--hostfile hosts.py` is an option's value, not the script; without --nproc-per-node a script gets 1 rank."""
+    assert main(["launch", "--launcher", launcher, "--mpi-flavour", "openmpi", "--dry-run", "--hostfile", "hosts.py",
+                 user_script, "x"]) == 0
+    argv = shlex.split(capsys.readouterr().out.strip().split("\n")[-1])
+    assert argv[-2:] == [user_script, "x"]
+    assert ("hosts.py" in argv) == (launcher in ("deepspeed", "mpirun"))  # torchrun / srun have no hostfile
+    assert launcher != "torchrun" or argv[:5] == ["torchrun", "--nnodes", "1", "--nproc-per-node", "1"]
+
+
+def test_script_default_launcher_is_torchrun(capsys, user_script):
+    assert main(["launch", "--dry-run", user_script]) == 0
+    assert capsys.readouterr().out.split()[0] == "torchrun"
+
+
+def test_a_config_positional_keeps_overrides_and_options_after_it(capsys, repo, monkeypatch):
+    monkeypatch.chdir(repo)
+    assert main(["launch", "configs/tiny-llama.toml", "--launcher", "mpirun", "--mpi-flavour", "mpich",
+                 "--train.steps=2", "--dry-run"]) == 0
+    assert capsys.readouterr().out.split()[-5:] == ["-m", "trellis", "train", "configs/tiny-llama.toml",
+                                                    "--train.steps=2"]
+
+
+@pytest.mark.parametrize("argv,needle", [(["--train.steps=2", "my train.py"], "dotted overrides apply to a trellis"),
+                                         (["missing.py"], "missing.py: no such script")])
+def test_script_errors_exit_2(capsys, user_script, argv, needle):
+    assert main(["launch", "--dry-run", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_submit_runs_the_script_without_the_resume_flag(capsys, user_script):
+    assert main(["submit", "--dry-run", "--nodes", "2", user_script, *SCRIPT_ARGS]) == 0
+    out = capsys.readouterr().out
+    srun = out[out.index("\nsrun "):].split("&\n")[0]
+    assert shlex.split(srun.replace("\\\n", " "))[-len(SCRIPT_ARGS) - 1:] == [user_script, *SCRIPT_ARGS]
+    assert "-m trellis train" not in srun and "RESUME" not in srun
+
+
+def test_submit_script_via_submitit_is_refused(capsys, user_script):
+    assert main(["submit", "--via", "submitit", "--time", "5", user_script]) == 2
+    assert "--via sbatch" in capsys.readouterr().err

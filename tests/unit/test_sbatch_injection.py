@@ -43,6 +43,8 @@ def test_control_characters_are_refused_naming_the_flag(flag, field, bad):
 @pytest.mark.parametrize("kw,name", [(dict(workdir="/w\nrm -rf /"), "working directory"),
                                      (dict(python="py\nid"), "Python interpreter"),
                                      (dict(config="c.toml\nid"), "config path"),
+                                     (dict(script="s.py\nid"), "script path"),
+                                     (dict(script="s.py", script_args=["ok", "x\nid"]), "script argument 2"),
                                      (dict(overrides=["--logging.metrics_file=a\nid"]), "--logging.metrics_file"),
                                      (dict(exports={"PYTHONPATH": "x\nid"}), "PYTHONPATH"),
                                      (dict(exports={"A;id": "x"}), "A;id")])
@@ -122,9 +124,12 @@ with open(os.environ["RECORD_TO"], "w") as f:
 """
 
 
+@pytest.mark.parametrize("target", ["config", "script"])
 @pytest.mark.parametrize("mode", ["per-task", "per-node"])
 @pytest.mark.parametrize("restart", [0, 1])
-def test_generated_script_runs_the_literal_argv(mode, restart, tmp_path):
+def test_generated_script_runs_the_literal_argv(mode, restart, target, tmp_path):
+    """Every rank gets `-m trellis train CONFIG overrides` (+ the resume flag once requeued), or a user's
+    `SCRIPT.py args` exactly as given (a script is never handed trellis' resume flag)."""
     weird = "d " + EVIL.replace("/", "")
     stubs = tmp_path / "stubs"
     stubs.mkdir()
@@ -141,7 +146,10 @@ def test_generated_script_runs_the_literal_argv(mode, restart, tmp_path):
     overrides = ["--train.steps=3", f"--logging.metrics_file={EVIL}.jsonl", "--data.path=it's here",
                  '--model.path="quoted"', "--x=$(touch PWNED)", "--y=`touch PWNED`", "--z=a;b&&c|d>e<f", "--w=*"]
     config = f"conf {EVIL}.toml"
-    s = spec(mode=mode, config=config, overrides=overrides, workdir=str(workdir), python=str(recorder),
+    user_script = f"my {EVIL}.py"
+    target_kw = (dict(config=config, overrides=overrides) if target == "config" else
+                 dict(config="", overrides=[], script=user_script, script_args=[*overrides, "--nproc-per-node", "9"]))
+    s = spec(mode=mode, **target_kw, workdir=str(workdir), python=str(recorder),
              job_name=EVIL, log_dir=str(tmp_path / "logs"), exports={"TRELLIS_EVIL": EVIL})
     script = tmp_path / "job.sbatch"
     script.write_text(render_sbatch(s))
@@ -154,7 +162,8 @@ def test_generated_script_runs_the_literal_argv(mode, restart, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(record.read_text())
     resume = ["--checkpoint.resume=auto"] if restart else []
-    expected_tail = ["-m", "trellis", "train", config, *overrides, *resume]
+    expected_tail = (["-m", "trellis", "train", config, *overrides, *resume] if target == "config" else
+                     [user_script, *overrides, "--nproc-per-node", "9"])
     assert got["argv"][-len(expected_tail):] == expected_tail
     if mode == "per-node":
         assert got["argv"][:2] == ["-m", "torch.distributed.run"]

@@ -1,6 +1,9 @@
 """`trellis launch [--launcher torchrun|deepspeed|mpirun|srun] [...] CONFIG [--section.key=value ...]`:
 start every rank of `trellis train` through a standard launcher on machines you already hold. Without
---launcher the config's `launcher.name` picks it ("auto" and "standalone": torchrun)."""
+--launcher the config's `launcher.name` picks it ("auto" and "standalone": torchrun).
+
+`trellis launch [...] SCRIPT.py [args]` runs `python SCRIPT.py args` on every rank instead (everything after the
+script path is the script's, as with torchrun); --launcher defaults to torchrun, --nproc-per-node to 1."""
 
 from __future__ import annotations
 
@@ -11,22 +14,27 @@ from trellis import configs
 from trellis.errors import UserError
 from trellis.launchers.registry import NAMES, get_launcher
 
+from .scripts import user_script
+
 DEFAULT_LAUNCHER = "torchrun"  # what launcher.name = "auto" / "standalone" means for `trellis launch`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "launch", help="run `trellis train` through torchrun, deepspeed, mpirun or srun",
-        description="Every rank runs `python -m trellis train CONFIG [overrides]`. Dotted overrides work as with "
-                    "`trellis train`. Multi-node torchrun: run the same command on every node with "
+        description="Every rank runs `python -m trellis train CONFIG [overrides]`, or `python SCRIPT.py [args]` when "
+                    "the positional is a .py file (everything after the script goes to it). Dotted overrides work "
+                    "as with `trellis train`. Multi-node torchrun: run the same command on every node with "
                     "--master-addr set to the first node's address.",
     )
     p.add_argument("--launcher", choices=NAMES, default=None,
-                   help="default: the config's launcher.name, torchrun when that is 'auto' or 'standalone'")
-    p.add_argument("config", help="config file (TOML) or preset name")
+                   help="default: the config's launcher.name, torchrun when that is 'auto' or 'standalone' "
+                        "(and for a script)")
+    p.add_argument("config", metavar="CONFIG | SCRIPT.py",
+                   help="config file (TOML) or preset name; or a Python script to run on every rank")
     p.add_argument("--nnodes", type=int, help="number of nodes (default: launcher.nnodes)")
     p.add_argument("--nproc-per-node", type=int,
-                   help="ranks per node (default: launcher.nproc_per_node, else dp x pp x tp / nnodes)")
+                   help="ranks per node (default: launcher.nproc_per_node, else dp x pp x tp / nnodes; 1 for a script)")
     p.add_argument("--hostfile", help="deepspeed: `host slots=N` lines; mpirun: an MPI hostfile")
     p.add_argument("--include", default="", help="deepspeed: host:slots@host; mpirun: -H host list; srun: --nodelist")
     p.add_argument("--exclude", default="", help="deepspeed/srun: hosts or slots to leave out")
@@ -36,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop every rank after this long (exit code 124)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
-    p.set_defaults(func=_launch, accepts_overrides=True)
+    p.set_defaults(func=_launch, accepts_overrides=True, takes_script=True)
 
 
 def launcher_name(args, cfg) -> str:
@@ -67,6 +75,18 @@ def build_spec(args, cfg=None) -> "LaunchSpec":  # noqa: F821 - imported lazily 
                       hostfile=args.hostfile or cfg.launcher.hostfile, include=args.include, exclude=args.exclude)
 
 
+def build_script_spec(args, script: str) -> "LaunchSpec":  # noqa: F821 - imported lazily below
+    """A script has no config to take a layout from: one node and one rank per node unless told."""
+    from trellis.launchers.base import LaunchSpec
+
+    nnodes, nproc = args.nnodes or 1, args.nproc_per_node or 1
+    if nnodes < 1 or nproc < 1:
+        raise UserError(f"--nnodes={nnodes} and --nproc-per-node={nproc} must be at least 1")
+    return LaunchSpec(script=script, script_args=list(args.script_args), nnodes=nnodes, nproc_per_node=nproc,
+                      master_addr=args.master_addr, master_port=args.master_port, hostfile=args.hostfile or "",
+                      include=args.include, exclude=args.exclude)
+
+
 def format_command(argv: list[str], env: dict[str, str]) -> str:
     return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
 
@@ -75,9 +95,13 @@ def _launch(args) -> int:
     import os
     import sys
 
-    cfg = configs.load(args.config, list(args.overrides))
-    spec = build_spec(args, cfg)
-    launcher = get_launcher(launcher_name(args, cfg), args.mpi_flavour)
+    script = user_script(args)
+    if script is not None:
+        spec, name = build_script_spec(args, script), args.launcher or DEFAULT_LAUNCHER
+    else:
+        cfg = configs.load(args.config, list(args.overrides))
+        spec, name = build_spec(args, cfg), launcher_name(args, cfg)
+    launcher = get_launcher(name, args.mpi_flavour)
     if args.dry_run:
         print(format_command(*launcher.build_command(spec)))
         return 0

@@ -1,5 +1,7 @@
 """`trellis submit CONFIG --nodes N --gpus-per-node G [...] [--via sbatch|submitit] [--dry-run] [--wait]`:
-run `trellis train` as a Slurm batch job that checkpoints on the warning signal and requeues itself."""
+run `trellis train` as a Slurm batch job that checkpoints on the warning signal and requeues itself.
+`trellis submit [...] SCRIPT.py [args]` runs `python SCRIPT.py args` on every rank instead (everything after the
+script path is the script's, as with `trellis launch`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 
 from trellis import configs
 
+from .scripts import user_script
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "step, saves a checkpoint (set checkpoint.dir) and the job requeues itself; the requeued "
                     "job resumes from the newest valid checkpoint.",
     )
-    p.add_argument("config", help="config file (TOML) or preset name")
+    p.add_argument("config", metavar="CONFIG | SCRIPT.py",
+                   help="config file (TOML) or preset name; or a Python script to run on every rank")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU-only nodes")
     p.add_argument("--ntasks-per-node", "--nproc-per-node", dest="ntasks_per_node", type=int, default=0,
@@ -38,17 +43,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script without submitting")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its code")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
-    p.set_defaults(func=_submit, accepts_overrides=True)
+    p.set_defaults(func=_submit, accepts_overrides=True, takes_script=True)
 
 
 def build_submit_spec(args):
     from trellis.launchers.base import caller_env
     from trellis.slurm.submit import SubmitSpec
 
-    configs.load(args.config, list(args.overrides))  # config errors now, not in the queue an hour later
+    script = user_script(args)
+    if script is None:
+        configs.load(args.config, list(args.overrides))  # config errors now, not in the queue an hour later
     log_dir = Path(args.log_dir)
     return SubmitSpec(
-        config=args.config, overrides=list(args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        config="" if script else args.config, script=script or "", script_args=list(args.script_args or []),
+        overrides=list(args.overrides), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         ntasks_per_node=args.ntasks_per_node, partition=args.partition, time=args.time, account=args.account,
         qos=args.qos, constraint=args.constraint, exclusive=args.exclusive, signal=args.signal, mode=args.mode,
         job_name=args.job_name, log_dir=str(log_dir if log_dir.is_absolute() else Path.cwd() / log_dir),
