@@ -50,6 +50,17 @@ def end_rank_process(code: int) -> None:
     os._exit(code)
 
 
+# What gloo / NCCL / torch.distributed say when a peer is gone or stuck past parallel.timeout_s.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
+              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
+
+
+def lost_peer(e: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in _PEER_LOST)
+
+
 def run_rank(cfg) -> int:
     ctx = init_distributed(cfg.parallel.timeout_s)
     clean = False
@@ -64,6 +75,15 @@ def run_rank(cfg) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        # A peer died or hung (kill -9, OOM, SIGSTOP): every survivor's collective fails the same way. One line
+        # each, not a gloo/NCCL traceback per rank; the launcher or trellis' parent names the rank that died.
+        first = str(e).strip().splitlines()[0][:300]
+        print(f"error: rank {ctx.rank}: lost contact with another rank ({first}); see the first rank that failed",
+              file=sys.stderr)
+        return 1
     finally:
         release_all()  # the checkpoint.dir lease (engine/checkpoint/lease.py)
         shutdown(clean, destroy=False)  # end_rank_process ends the process without tearing the group down
