@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    if getattr(args, "resume_allow_change", None):  # train, launch, submit: forwarded to every rank as an override
+        args.overrides.append(f"--checkpoint.resume_allow_change={args.resume_allow_change}")
     args.script_args = script_args  # None unless the positional was a SCRIPT.py (split_script)
     try:
         return int(args.func(args) or 0)

@@ -11,6 +11,7 @@ import argparse
 import shlex
 
 from trellis import configs
+from trellis.commands import add_resume_allow_change
 from trellis.errors import UserError
 from trellis.launchers.registry import NAMES, get_launcher
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop every rank after this long (exit code 124)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    add_resume_allow_change(p)
     p.set_defaults(func=_launch, accepts_overrides=True, takes_script=True)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from trellis import configs
+from trellis.commands import add_resume_allow_change
 
 from .scripts import user_script
 
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script without submitting")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its code")
     p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
+    add_resume_allow_change(p)
     p.set_defaults(func=_submit, accepts_overrides=True, takes_script=True)
 
 

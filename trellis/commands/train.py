@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from trellis import configs
+from trellis.commands import add_resume_allow_change
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="config file (TOML) or preset name, e.g. configs/tiny-llama.toml")
     p.add_argument("--deepspeed", metavar="JSON", help="a stock DeepSpeed ds_config.json (implies zero.backend=deepspeed)")
     p.add_argument("--resume", metavar="auto|PATH", help="same as --checkpoint.resume")
-    p.add_argument("--resume-allow-change", metavar="FIELD,...",
-                   help="trajectory fields the resume may change (e.g. data.path,train.seed); same as "
-                        "--checkpoint.resume_allow_change")
+    add_resume_allow_change(p)
     p.set_defaults(func=_train, accepts_overrides=True)
 
 
@@ -26,8 +25,6 @@ def _train(args) -> int:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append(f"--checkpoint.resume={args.resume}")
-    if args.resume_allow_change:
-        overrides.append(f"--checkpoint.resume_allow_change={args.resume_allow_change}")
     cfg = configs.load(args.config, overrides, deepspeed_json=args.deepspeed)
     from trellis.engine.run import run_training
 
