@@ -170,7 +170,9 @@ def trial(kind: str, dp: int, rng: random.Random, ref: dict[int, float], root: P
     logged = max(losses(m), default=0)
     expected = {"kill_rank": (1, 137, -9), "kill_parent": (-9,), "term_parent": (75,), "stop_rank": (1,),
                 "disk_full": (1,), "corrupt": (0,), "diverge": (1,)}[kind]
-    handled = rc in expected and ok_ck and "Traceback" not in err
+    why = [w for w, bad in (("exit code", rc not in expected), ("checkpoints", not ok_ck),
+                            ("traceback", "Traceback" in err)) if bad]
+    handled = not why
     if kind == "corrupt" and rc == 0:
         # damage the newest checkpoint; --resume auto must skip it, say so, and continue from an older one
         from trellis.engine.checkpoint import io
@@ -199,7 +201,9 @@ def trial(kind: str, dp: int, rng: random.Random, ref: dict[int, float], root: P
         handled = eq
     res["handled"] = handled and not orphans(str(work))
     if not res["handled"]:
-        res["stderr_tail"] = err[-600:]
+        res["why"] = why or ["resume or fault-specific check"]
+        i = err.find("Traceback")
+        res["stderr"] = err[i:i + 1500] if i >= 0 else err[-600:]
     return _close(res, work, mount)
 
 
