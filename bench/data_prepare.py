@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,22 +86,41 @@ def trellis_prepare(src: Path, procs: int, out: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, c.manifest["counts"]["tokens"]
 
 
-def first_step(prepared: Path, steps: int = 3) -> tuple[float, float]:
-    """(seconds from `trellis train` start to its first step's line, the rank's peak RSS in MB); one rank."""
+def _poll_anon(pid: int, out: list[int], stop: threading.Event) -> None:
+    """Peak RssAnon (private memory, KiB) of `pid`: ru_maxrss also counts the mapped corpus pages, which are
+    shared, reclaimable page cache (the kernel maps up to 2 MB of cached file around each row read)."""
+    while not stop.is_set():
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith("RssAnon"):
+                    out[0] = max(out[0], int(line.split()[1]))
+        except OSError:
+            return
+        time.sleep(0.02)
+
+
+def first_step(prepared: Path, steps: int = 3) -> tuple[float, float, float]:
+    """(seconds from `trellis train` start to its first step's line, the rank's peak RSS and peak private
+    (anonymous) RSS in MB); one rank."""
     cmd = [sys.executable, "-m", "trellis", "train", "tiny-llama", f"--data.path={prepared}", "--parallel.dp=1",
            f"--train.steps={steps}", "--data.seq_len=128", "--logging.progress=plain",
            f"--logging.metrics_file={prepared.parent / 'm.jsonl'}"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    anon, stop = [0], threading.Event()
+    poller = threading.Thread(target=_poll_anon, args=(p.pid, anon, stop), daemon=True)
+    poller.start()
     t_first = None
     for line in p.stderr:
         if t_first is None and line.startswith("step 1/"):
             t_first = time.perf_counter() - t0
+    stop.set()
+    poller.join()
     _, status, usage = os.wait4(p.pid, 0)  # this child's own peak RSS (one rank: dp=1 trains in-process)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode or t_first is None:
         raise SystemExit(f"trellis train failed ({p.returncode})")
-    return t_first, usage.ru_maxrss / 1024
+    return t_first, usage.ru_maxrss / 1024, anon[0] / 1024
 
 
 def _stats(xs: list[float]) -> str:
@@ -128,13 +148,14 @@ def main() -> None:
             b_mbs.append(mb / tb)
             a_tps.append(na / ta / 1e6)
             ratios.append(tb / ta)
-        print(f"preparation of {mb:.1f} MB ({na} tokens), {args.procs} processes, {args.repeats} repeats (min median max)")
+        print(f"preparation of {mb:.1f} MB ({na} tokens), {args.procs} processes, {args.repeats} repeats "
+              "(min median max)")
         print(f"  trellis prepare     MB/s {_stats(a_mbs)}   Mtokens/s {_stats(a_tps)}")
         print(f"  tokenizers batch    MB/s {_stats(b_mbs)}")
         print(f"  ratio trellis/tokenizers {_stats(ratios)}   (goal >= 0.8)")
         print("\nstart-up on a prepared corpus: trellis train to its first step, one rank (min median max)")
-        print("| prepared text | tokens | s to first step (min median max) | peak RSS MB (min median max) |")
-        print("|---|---|---|---|")
+        print("| prepared text | tokens | s to first step | peak RSS MB | peak private (RssAnon) MB |")
+        print("|---|---|---|---|---|")
         for size in (float(s) for s in args.sizes.split(",")):
             s_src = d / f"s{size:g}.jsonl"
             write_records(s_src, size, seed=1)
@@ -142,7 +163,8 @@ def main() -> None:
             trellis_prepare(s_src, max(args.procs, os.cpu_count() or 1), prepared)
             runs = [first_step(prepared) for _ in range(args.repeats)]
             toks = json.loads((prepared / "manifest.json").read_text())["counts"]["tokens"]
-            print(f"| {size:g} MB | {toks} | {_stats([t for t, _ in runs])} | {_stats([m for _, m in runs])} |")
+            print(f"| {size:g} MB | {toks} | {_stats([r[0] for r in runs])} | {_stats([r[1] for r in runs])} | "
+                  f"{_stats([r[2] for r in runs])} |")
 
 
 if __name__ == "__main__":

@@ -252,8 +252,9 @@ def prepare(data_cfg, tokenizer, out_dir: str | Path, num_proc: int = 0, path: s
         tgt.astype(np.int64).tofile(tmp / SHARDS["doc_targets"])
         n_docs = len(lens)
         if n_docs == 0 or n_targets == 0:
-            raise ConfigError(f"data.path={path or data_cfg.path!r}: no {'records' if n_docs == 0 else 'target tokens'} "
-                              "to train on (empty after filtering); add data or check data.type and its fields")
+            what = "records" if n_docs == 0 else "target tokens"
+            raise ConfigError(f"data.path={path or data_cfg.path!r}: no {what} to train on (empty after filtering); "
+                              "add data or check data.type and its fields")
         manifest = dict(want, token_dtype=np.dtype(dtype).name,
                         counts={"documents": n_docs, "records": n_docs // 2 if want["record_type"] == "preference"
                                 else n_docs, "tokens": n_tokens, "targets": n_targets},
