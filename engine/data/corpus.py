@@ -210,6 +210,9 @@ def prepare(data_cfg, tokenizer, out_dir: str | Path, num_proc: int = 0, path: s
     """Tokenize `path` (default data.path) into `out_dir` with `num_proc` processes (0 = automatic). Written into a
     temporary directory beside `out_dir` and renamed into place, so a reader sees a whole corpus or none."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ConfigError(f"--out {out_dir}: exists and is not a prepared corpus (no {MANIFEST}); it is replaced "
+                          "when preparing, so give a new or empty directory")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # before any fork: a used Rust thread pool does not survive it
     want = identity(data_cfg, tokenizer, path)
     num_proc = num_proc or default_num_proc(want["sources"])

@@ -170,6 +170,11 @@ def test_bad_prepared_corpus_and_empty_data(tmp_path, capsys):
     empty = _jsonl(tmp_path / "e.jsonl", [])
     assert main(["data", "prepare", "tiny-llama", f"--data.path={empty}", "--out", str(tmp_path / "q")]) == 2
     assert "no records" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")  # never replaced by a preparation
+    with pytest.raises(ConfigError, match="not a prepared corpus"):
+        prepare(_cfg(tmp_path).data, TOK, tmp_path / "mine", 1, str(src))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_eval_fraction_split_is_seeded_and_disjoint(tmp_path):
