@@ -56,6 +56,15 @@ class DataConfig:
     truncation: Literal["right", "drop"] = "right"
     seq_len: int = 128
     shuffle: bool = True
+    # How samples become rows: "concat" (one token stream), "document" (whole samples, no attention across them),
+    # "pad" (one sample per row); "auto" = concat for text, pad for preference, document otherwise.
+    packing: Literal["auto", "concat", "document", "pad"] = "auto"
+    # Root of the prepared-corpus cache ("" = $TRELLIS_CACHE or ~/.cache/trellis/data); see docs/DATA.md.
+    cache_dir: str = ""
+    # Evaluation records from another source (file, directory or prepared corpus); "" = none.
+    eval_path: str = ""
+    # Or this fraction of data.path's records, split off by train.seed (0 = the held-out tail of rows).
+    eval_fraction: float = 0.0
 
 
 @dataclass(kw_only=True)
@@ -112,7 +121,10 @@ class TrainLoopConfig:
     grad_accum: int = 1
     # 0 = micro_batch_size × grad_accum × dp; when set it must equal that product.
     global_batch_size: int = 0
-    steps: int = 10
+    # Optimizer steps; 0 = 10, or the length train.epochs sets (give one of the two).
+    steps: int = 0
+    # > 0: train this many passes over the training rows (steps = epochs x rows // global batch).
+    epochs: int = 0
     lr: float = 3e-4
     min_lr: float = 0.0
     warmup_steps: int = 0
@@ -127,9 +139,16 @@ class TrainLoopConfig:
     seed: int = 1234
     # Evaluate after training on this many held-out batches (0 = skip).
     eval_batches: int = 0
+    # > 0: also evaluate every N steps (eval_loss in the metrics JSONL record of that step).
+    eval_interval: int = 0
     # A step whose loss or gradient norm is inf/nan (agreed over the world) is skipped (no weights change;
     # fp16 overflows are the loss scaler's); this many such steps in a row stop the run with an error.
     max_nonfinite_steps: int = 3
+
+    def __post_init__(self):
+        # steps = 0 means "not given": the default length unless epochs sets it (resolved with the dataset).
+        if self.steps == 0 and self.epochs == 0:
+            self.steps = 10
 
 
 @dataclass(kw_only=True)

@@ -107,9 +107,10 @@ def _parallel(cfg: TrainConfig) -> list[str]:
 
 def _train(cfg: TrainConfig) -> list[str]:
     p, t, e = cfg.parallel, cfg.train, []
-    for name in ("micro_batch_size", "grad_accum", "steps"):
+    for name in ("micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             e.append(f"train.{name}={getattr(t, name)}: must be >= 1")
+    e.extend(_length_errors(t))
     if t.lr <= 0:
         e.append(f"train.lr={t.lr}: must be > 0")
     if t.min_lr < 0 or t.min_lr > t.lr:
@@ -137,9 +138,33 @@ def _train(cfg: TrainConfig) -> list[str]:
     return e
 
 
+def _length_errors(t) -> list[str]:
+    """train.steps (0 = not given) or train.epochs sets the run's length; and when evaluation happens."""
+    e = []
+    if t.epochs < 0 or t.steps < 0:
+        e.append(f"train.steps={t.steps}, train.epochs={t.epochs}: must be >= 0")
+    elif t.epochs and t.steps:
+        e.append(f"train.steps={t.steps} and train.epochs={t.epochs} both set the run's length; give one (set "
+                 "train.steps=0 to train by epochs, e.g. over a preset that sets steps)")
+    if t.eval_interval < 0:
+        e.append(f"train.eval_interval={t.eval_interval}: must be >= 0 (0 = only after training)")
+    elif t.eval_interval and not t.eval_batches:
+        e.append(f"train.eval_interval={t.eval_interval} needs train.eval_batches >= 1 (micro-batches per evaluation)")
+    return e
+
+
 def _data(cfg: TrainConfig) -> list[str]:
     d = cfg.data
     e = [f"data.seq_len={d.seq_len}: must be >= 2"] if d.seq_len < 2 else []
+    if not 0 <= d.eval_fraction < 1:
+        e.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
+    if d.eval_fraction and d.eval_path:
+        e.append("data.eval_path and data.eval_fraction both choose the eval set; give one")
+    if (d.eval_fraction or d.eval_path) and not cfg.train.eval_batches:
+        e.append("data.eval_path / data.eval_fraction set but train.eval_batches=0; set train.eval_batches "
+                 "(micro-batches per evaluation)")
+    if d.type == "preference" and d.packing not in ("auto", "pad"):
+        e.append(f"data.packing={d.packing!r}: preference records are batched one pair per row; use 'pad' or 'auto'")
     for name in ("text_field", "prompt_field", "response_field", "messages_field", "chosen_field", "rejected_field"):
         if not getattr(d, name):
             e.append(f"data.{name}: must name a record field, got ''")
@@ -290,7 +315,7 @@ def _adalora_errors(cfg: TrainConfig) -> list[str]:
             e.append(f"peft.{name}={getattr(p, name)}: must be in (0, 1)")
     if p.adalora_orth_reg_weight < 0:
         e.append(f"peft.adalora_orth_reg_weight={p.adalora_orth_reg_weight}: must be >= 0")
-    if p.adalora_tinit >= 0 and p.adalora_tfinal >= 0 and p.adalora_tinit >= steps - p.adalora_tfinal:
+    if steps and p.adalora_tinit >= 0 and p.adalora_tfinal >= 0 and p.adalora_tinit >= steps - p.adalora_tfinal:
         e.append(f"peft.adalora_tinit={p.adalora_tinit}, peft.adalora_tfinal={p.adalora_tfinal} with train.steps="
                  f"{steps} leave no budgeting phase (AdaLoRA needs tinit < train.steps - tfinal); lower them or "
                  "raise train.steps")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -70,6 +71,7 @@ class Trainer:
         self.dims.build_mesh(ctx.device.type)
         self.step = 0
         self.tokens_seen = 0
+        self.input_tokens_seen = 0  # non-padding input positions, all dp ranks
         self._setup()
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -86,10 +88,19 @@ class Trainer:
         self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())
         hold_out = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dims.dp
-        self.train_data, self.eval_data = build_dataset(cfg.data, self.tokenizer, cfg.train.seed, hold_out)
+        self.train_data, self.eval_data = build_dataset(cfg.data, self.tokenizer, cfg.train.seed, hold_out,
+                                                        rank=self.ctx.rank, log=lambda m: print(m, file=sys.stderr))
         coord = self.dims.coordinate()
         self.sampler = GlobalBatchSampler(self.train_data, micro_batch_size=cfg.train.micro_batch_size,
                                           grad_accum=cfg.train.grad_accum, dp_rank=coord["dp"], dp_size=self.dims.dp)
+        self.eval_sampler = None
+        if self.eval_data is not None and cfg.train.eval_batches:
+            self.eval_sampler = GlobalBatchSampler(self.eval_data, micro_batch_size=cfg.train.micro_batch_size,
+                                                   grad_accum=cfg.train.eval_batches, dp_rank=coord["dp"],
+                                                   dp_size=self.dims.dp, name="the eval set")
+        self.steps_per_epoch = len(self.train_data) // self.sampler.global_batch_size
+        if cfg.train.epochs:  # resolved into the config: the LR schedule, PEFT and the exit code read train.steps
+            cfg.train.steps = cfg.train.epochs * len(self.train_data) // self.sampler.global_batch_size
         inject = make_injector(cfg) if cfg.peft.method != "none" else None
         self.backend = build_backend(cfg, self.ctx, self.dims, model, inject_peft=inject)
         # Distinct data-independent randomness per rank (dropout), reproducible from the seed.
@@ -111,6 +122,7 @@ class Trainer:
             if resumed is not None:
                 resumed_from, state = resumed
                 self.step, self.tokens_seen = state.step, state.tokens_seen
+                self.input_tokens_seen = self.sampler.input_tokens(0, self.step)
         writer = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
                                resume=resumed_from is not None) if main else None
         progress = Progress(cfg.logging.progress, cfg.train.steps, self.step) if main else None
@@ -124,6 +136,7 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 lr = lr_at(self.step, cfg.train)
+                self.input_tokens_seen += self.sampler.input_tokens(self.sampler.step)
                 batches = self.sampler.next()
                 res = self.backend.train_step(batches, lr)
                 self.step += 1
@@ -135,11 +148,15 @@ class Trainer:
                 last_loss = res.loss
                 rec = {"step": self.step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
                        "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
-                       "step_time_s": dt, "tokens": self.tokens_seen, "skipped": res.skipped}
+                       "step_time_s": dt, "tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen,
+                       "skipped": res.skipped}
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.eval_sampler:
+                    rec["eval_loss"] = self.evaluate()
                 # loss and grad norm are reduced over the world: every rank takes the same branch
                 bad = _nonfinite(res.loss) or (_nonfinite(res.grad_norm) and self.backend.loss_scaler is None)
                 nonfinite_run = nonfinite_run + 1 if bad else 0
-                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps or bad:
+                if (self.step % cfg.logging.log_interval == 0 or self.step == cfg.train.steps or bad
+                        or "eval_loss" in rec):
                     rec["peak_mem_bytes"] = self._gather_peak_memory()
                     if main:
                         writer.write(rec)
@@ -174,6 +191,11 @@ class Trainer:
             "precision": cfg.precision.dtype,
             "steps": self.step,
             "tokens": self.tokens_seen,
+            "input_tokens": self.input_tokens_seen,
+            "data": self._data_line(),
+            "steps_per_epoch": self.steps_per_epoch,
+            "truncated_records": getattr(self.train_data.stats, "truncated", 0),
+            "dropped_records": getattr(self.train_data.stats, "dropped", 0),
             "first_loss": first_loss,
             "final_loss": last_loss,
             "wall_s": wall,
@@ -186,7 +208,7 @@ class Trainer:
             "stopped_by_signal": stopped_by or None,
             "resumed_from": str(resumed_from) if resumed_from else None,
         }
-        if cfg.train.eval_batches and self.eval_data is not None:
+        if self.eval_sampler is not None:
             summary["eval_loss"] = self.evaluate()
         table = self._gather_memory_table()
         if main and cfg.logging.progress != "none":
@@ -194,10 +216,15 @@ class Trainer:
         return summary
 
     def evaluate(self) -> float:
-        ev = GlobalBatchSampler(self.eval_data, micro_batch_size=self.cfg.train.micro_batch_size,
-                                grad_accum=self.cfg.train.eval_batches, dp_rank=self.dims.coordinate()["dp"],
-                                dp_size=self.dims.dp)
-        return self.backend.eval_loss(ev.micro_batches(0))
+        return self.backend.eval_loss(self.eval_sampler.micro_batches(0))
+
+    def _data_line(self) -> str:
+        st = self.train_data.stats
+        line = (f"{len(self.train_data)} rows ({self.train_data.packing} packing), {self.steps_per_epoch} "
+                f"steps/epoch")
+        if st is not None and (st.truncated or st.dropped):
+            line += f", {st.truncated} records truncated, {st.dropped} dropped (data.truncation)"
+        return line
 
     def _gather_peak_memory(self) -> list[int]:
         t = torch.tensor([peak_memory_bytes(self.ctx.device)], dtype=torch.int64)

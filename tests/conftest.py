@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # given) with one thread each, whatever the CPU.
 TEST_THREADS = 2
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Prepared corpora (engine/data/corpus.py) of this session go to a temporary cache, never the user's ~/.cache.
+os.environ.setdefault("TRELLIS_CACHE", tempfile.mkdtemp(prefix="trellis-test-data-"))
 
 
 def pytest_configure(config):

@@ -13,6 +13,7 @@ from trellis.errors import UserError
 # Order = order in `trellis --help`.
 _COMMAND_MODULES = [
     "trellis.commands.train",
+    "trellis.commands.data",
     "trellis.commands.config",
     "trellis.commands.checkpoint",
     "trellis.commands.memory",

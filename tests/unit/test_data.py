@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from trellis import configs
-from trellis.engine.data import GlobalBatchSampler, PackedDataset, build_dataset, pack, read_documents
+from trellis.engine.data import GlobalBatchSampler, PackedDataset, build_dataset, pack
+from trellis.engine.data.records import encode_batch
+from trellis.engine.data.sources import iter_records
 from trellis.engine.tokenizer import load_tokenizer, shipped_tokenizer_path
 from trellis.errors import ConfigError
 
@@ -57,15 +59,19 @@ def test_shipped_corpus_and_tokenizer():
     assert len(tok) == 512
     cfg = configs.load("tiny-llama")
     train, _ = build_dataset(cfg.data, tok, seed=0)
-    assert len(train) > 400 and train.rows.shape[1] == cfg.data.seq_len + 1
-    assert train.rows.max() < 512
+    b = train.collate(list(range(len(train))))
+    assert len(train) > 400 and b.input_ids.shape[1] == cfg.data.seq_len
+    assert b.input_ids.max() < 512
 
 
 def test_jsonl_and_errors(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "hello"}\n{"text": "world"}\n')
-    assert read_documents(str(f)) == ["hello", "world"]
+    data = configs.load("tiny-llama").data
+    assert [r["text"] for r, _ in iter_records(data, str(f))] == ["hello", "world"]
+    data.text_field = "body"
+    tok = load_tokenizer(shipped_tokenizer_path())
     with pytest.raises(ConfigError, match="data.text_field"):
-        read_documents(str(f), text_field="body")
+        encode_batch(data, tok, list(iter_records(data, str(f))))
     with pytest.raises(ConfigError, match="data.path"):
-        read_documents(str(tmp_path / "missing.txt"))
+        list(iter_records(data, str(tmp_path / "missing.txt")))

@@ -12,7 +12,6 @@ import pytest
 
 from trellis.cli import main
 from trellis.configs.schema import DataConfig
-from trellis.engine.data import read_documents, tokenize_documents
 from trellis.engine.data.records import PreferenceSample, encode_batch
 from trellis.engine.data.sources import iter_records, source_files
 from trellis.engine.tokenizer import load_tokenizer, shipped_tokenizer_path
@@ -80,8 +79,10 @@ def test_text_records_reproduce_todays_stream(tok, tmp_path):
     _jsonl(tmp_path / "b.jsonl", [{"text": "hello world"}, {"text": "second doc", "id": 3}])
     cfg = DataConfig(path=str(tmp_path))
     samples = encode_batch(cfg, tok, list(iter_records(cfg)))
-    old = tokenize_documents(read_documents(str(tmp_path)), tok)  # the reader trellis had before records
-    assert np.concatenate([s.input_ids for s in samples]).tolist() == old.tolist()
+    # the stream trellis read before record types: every document's tokens + EOS, files in sorted order
+    docs = ["The quick brown fox.\nJumps over.", "hello world", "second doc"]
+    old = [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert np.concatenate([s.input_ids for s in samples]).tolist() == old
     _check(samples[1], *_by_hand(tok, [("hello world", True)], eos=True))
     assert all(s.loss_mask.all() for s in samples)
     demo = list(iter_records(DataConfig()))
