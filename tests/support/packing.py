@@ -59,11 +59,56 @@ def alone_token_losses(model, samples: list[list[torch.Tensor]], seq_len: int) -
     return out
 
 
-def alone_loss_sum(model, samples: list[list[torch.Tensor]]) -> torch.Tensor:
-    """Sum of every counted token's loss, each sample alone (with grad): the training reference."""
+def alone_loss_sum(model, samples: list[list[torch.Tensor]], n_virtual: int = 0) -> torch.Tensor:
+    """Sum of every counted token's loss, each sample alone (with grad): the training reference. `n_virtual`:
+    peft's prompt tuning returns logits for its virtual tokens too; they are dropped."""
     total = 0.0
     for row in samples:
         for s in row:
-            logits = model(input_ids=s[None]).logits[0, :-1]
+            logits = model(input_ids=s[None]).logits[0, n_virtual:-1]
             total = total + F.cross_entropy(logits.float(), s[1:], reduction="sum")
     return total
+
+
+def global_batches(cfg, vocab: int, steps: int, pad: bool = False) -> list[list[Batch]]:
+    """Per step, the dp * grad_accum micro-batches of the global batch (micro_batch_size rows each), in the
+    order the engine's dp ranks take them (rank r: micro-batches [r * accum, (r + 1) * accum)). Document rows
+    hold 2-3 samples; `pad` rows one padded sample each, given as a user attention_mask (no segment ids)."""
+    t, seq = cfg.train, cfg.data.seq_len
+    g = torch.Generator().manual_seed(1234)
+    out = []
+    for step in range(steps):
+        mbs = []
+        for m in range(t.grad_accum * max(cfg.parallel.dp, 1)):
+            rows = []
+            for _ in range(t.micro_batch_size):
+                k = 1 if pad else int(torch.randint(2, 4, (1,), generator=g))
+                lengths = torch.randint(3, seq // k, (k,), generator=g).tolist()
+                rows.append(lengths)
+            b, samples = packed_batch(rows, seq, vocab, seed=1000 * step + m)
+            if pad:
+                b = Batch(input_ids=b.input_ids, labels=b.labels, attention_mask=(b.segment_ids > 0).long())
+            mbs.append((b, samples))
+        out.append(mbs)
+    return out
+
+
+def reference_losses(model, cfg, batches: list[list[tuple[Batch, list]]], n_virtual: int = 0) -> list[float]:
+    """1-process reference: every sample ALONE through `model` (plain HF, or HF + peft's public API), the loss
+    normalised by the global batch's counted tokens, plain torch AdamW with the run's settings."""
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0, foreach=False)
+    losses = []
+    for step in batches:
+        n_tokens = sum(int((b.labels != IGNORE).sum()) for b, _ in step)
+        total = 0.0
+        for _, samples in step:
+            loss = alone_loss_sum(model, samples, n_virtual) / n_tokens
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(total)
+    return losses
