@@ -38,10 +38,8 @@ CASES_2 = {
     "dp2 prefix tuning": {"parallel.dp": 2, "peft.method": "prefix", **PROMPT},
     "pp2 prefix tuning": {"parallel.pp": 2, "peft.method": "prefix", **PROMPT},
 }
-CASES_8 = {
-    "dp2·tp2 LoRA": {"parallel.dp": 2, "parallel.tp": 2, **LORA},
-    "dp2·pp2·tp2 zero3": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "zero.stage": 3},
-}
+CASES_4 = {"dp2·tp2 LoRA": {"parallel.dp": 2, "parallel.tp": 2, **LORA}}
+CASES_8 = {"dp2·pp2·tp2 zero3": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "zero.stage": 3}}
 
 
 def _scenarios(cases: dict) -> list[dict]:
@@ -80,5 +78,9 @@ def test_packed_batches_on_2_ranks():
     _check(2, CASES_2)
 
 
-def test_packed_batches_on_8_ranks():
+def test_packed_batches_lora_on_4_ranks():
+    _check(4, CASES_4)
+
+
+def test_packed_batches_3d_on_8_ranks():
     _check(8, CASES_8)
