@@ -27,7 +27,7 @@ LORA = {"peft.method": "lora", "peft.r": 4, "peft.alpha": 8.0, "train.lr": 1e-2}
 
 CASES_2 = {
     "dp2 zero1": {"parallel.dp": 2, "zero.stage": 1},
-    "dp2 zero3 pad (attention_mask) +full ckpt": ({"parallel.dp": 2, "zero.stage": 3,
+    "dp2 zero3 left-padded (attention_mask) +full ckpt": ({"parallel.dp": 2, "zero.stage": 3,
                                                    "activation_checkpointing.mode": "full"}, True),
     "tp2 sequence_parallel": {"parallel.tp": 2, "parallel.sequence_parallel": True},
     "pp2 1f1b": {"parallel.pp": 2},

@@ -73,7 +73,7 @@ def alone_loss_sum(model, samples: list[list[torch.Tensor]], n_virtual: int = 0)
 def global_batches(cfg, vocab: int, steps: int, pad: bool = False) -> list[list[Batch]]:
     """Per step, the dp * grad_accum micro-batches of the global batch (micro_batch_size rows each), in the
     order the engine's dp ranks take them (rank r: micro-batches [r * accum, (r + 1) * accum)). Document rows
-    hold 2-3 samples; `pad` rows one padded sample each, given as a user attention_mask (no segment ids)."""
+    hold 2-3 samples; `pad` rows one left-padded sample each, given as a user attention_mask (no segment ids)."""
     t, seq = cfg.train, cfg.data.seq_len
     g = torch.Generator().manual_seed(1234)
     out = []
@@ -86,11 +86,20 @@ def global_batches(cfg, vocab: int, steps: int, pad: bool = False) -> list[list[
                 lengths = torch.randint(3, seq // k, (k,), generator=g).tolist()
                 rows.append(lengths)
             b, samples = packed_batch(rows, seq, vocab, seed=1000 * step + m)
-            if pad:
-                b = Batch(input_ids=b.input_ids, labels=b.labels, attention_mask=(b.segment_ids > 0).long())
+            if pad:  # left-padded, as generation-style data comes: without the mask tokens would see the padding
+                b = _left_padded(b)
             mbs.append((b, samples))
         out.append(mbs)
     return out
+
+
+def _left_padded(b: Batch) -> Batch:
+    """One sample per row moved to the row's end: a Batch with only a padding attention_mask."""
+    ids, labels, mask = b.input_ids.clone(), b.labels.clone(), (b.segment_ids > 0).long()
+    for r in range(ids.shape[0]):
+        shift = int((mask[r] == 0).sum())
+        ids[r], labels[r], mask[r] = ids[r].roll(shift), labels[r].roll(shift), mask[r].roll(shift)
+    return Batch(input_ids=ids, labels=labels, attention_mask=mask)
 
 
 def reference_losses(model, cfg, batches: list[list[tuple[Batch, list]]], n_virtual: int = 0) -> list[float]:
