@@ -29,6 +29,7 @@ CASES_2 = {
     "dp2 zero1": {"parallel.dp": 2, "zero.stage": 1},
     "dp2 zero3 left-padded (attention_mask) +full ckpt": ({"parallel.dp": 2, "zero.stage": 3,
                                                    "activation_checkpointing.mode": "full"}, True),
+    "dp2 DeepSpeed zero2": {"parallel.dp": 2, "zero.backend": "deepspeed", "zero.stage": 2},
     "tp2 sequence_parallel": {"parallel.tp": 2, "parallel.sequence_parallel": True},
     "pp2 1f1b": {"parallel.pp": 2},
     "pp2 bloom (alibi) gpipe": {"parallel.pp": 2, "parallel.pp_schedule": "gpipe", "model.path": "tiny-bloom"},
