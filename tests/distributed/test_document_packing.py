@@ -19,7 +19,8 @@ from .peft_support import reference_model
 
 pytestmark = pytest.mark.distributed
 
-BASE = {"parallel.dp": 1, "parallel.pp": 1, "parallel.tp": 1, "train.eps": 1e-6, "train.steps": 3, "train.micro_batch_size": 2, "train.grad_accum": 2, "train.lr": 3e-3,
+BASE = {"parallel.dp": 1, "parallel.pp": 1, "parallel.tp": 1, "train.eps": 1e-6, "train.steps": 3,
+        "train.micro_batch_size": 2, "train.grad_accum": 2, "train.lr": 3e-3,
         "train.schedule": "constant", "train.warmup_steps": 0, "train.weight_decay": 0.0, "train.grad_clip": 1.0,
         "data.seq_len": 32, "logging.progress": "none"}
 PROMPT = {"peft.num_virtual_tokens": 4, "train.lr": 1e-2}
