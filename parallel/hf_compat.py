@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 from torch import nn
 
 _CACHE_ARGS = ("cache", "past_key_values", "layer_past")
@@ -29,3 +30,24 @@ def _cache_kwarg_of(cls: type) -> str:
         if name in params:
             return name
     raise TypeError(f"{cls.__name__}.forward takes no key/value cache (looked for {', '.join(_CACHE_ARGS)})")
+
+
+def alibi_from_key_positions(model: nn.Module, backbone: str) -> None:
+    """Let BLOOM take a 4D block-causal mask (parallel/attention.py). `BloomModel.forward` builds ALiBi from a 2D
+    padding mask (`build_alibi_tensor`), which a 4D mask is not. Softmax is invariant to a per-row constant, so
+    inside a block-diagonal mask ALiBi from absolute key positions (slope * j, what BLOOM does without a mask) gives
+    each sample exactly its unpacked attention (slope * (j - start) differs by the row constant slope * start).
+    Patched on this instance only; a 2D mask still takes HF's own path."""
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    stack = model.get_submodule(backbone)
+    hf_build = stack.build_alibi_tensor
+
+    def build_alibi_tensor(attention_mask, num_heads: int, dtype):
+        if attention_mask.dim() != 4:
+            return hf_build(attention_mask, num_heads, dtype)
+        b, kv_len = attention_mask.shape[0], attention_mask.shape[-1]
+        slopes = _get_alibi_slopes(num_heads, attention_mask.device)
+        return (slopes[:, None, None] * torch.arange(kv_len, device=attention_mask.device)).repeat(b, 1, 1).to(dtype)
+
+    stack.build_alibi_tensor = build_alibi_tensor

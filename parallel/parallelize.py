@@ -24,6 +24,7 @@ import torch
 from .activation_checkpoint import apply_activation_checkpointing
 from .data_parallel import apply_fsdp, decoder_blocks
 from .dims import ParallelDims, validate_model_dims
+from .hf_compat import alibi_from_key_positions
 from .hf_surgery import prepare_model
 from .models import FamilySpec, family_for
 from .models.dims import dims_from_hf_config
@@ -61,6 +62,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
     z = cfg.zero
 
     prepare_model(model, spec)
+    if spec.alibi:  # ALiBi with the 4D block-causal mask of packed batches (parallel/attention.py)
+        alibi_from_key_positions(model, spec.backbone)
     prompt = inject_peft(model, spec) if inject_peft is not None else None
 
     loss_parallel = False

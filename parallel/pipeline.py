@@ -99,6 +99,7 @@ class StageModule(nn.Module):
         setattr(model.get_submodule(parent_path), attr, kept)
         # PEFT virtual tokens (PromptHooks): embeds -> [virtual | embeds], first stage only
         self.input_prefix = prompt.input_prefix if is_first else None
+        self.virtual_tokens = prompt.virtual_tokens  # every stage: its masks and positions cover them
         # PEFT prefix tuning (PromptHooks): per-layer key/value prefixes on every stage
         self.kv_prefix = prompt.kv_prefix
         self.prefix_len = prompt.prefix_len
@@ -115,10 +116,16 @@ class StageModule(nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "_block_list", list(kept.values()))  # not registered twice
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = stage_forward.embed(self, self.spec, x) if self.is_first else x
-        h = stage_forward.run_blocks(self, self.spec, self._block_list, h)
-        return stage_forward.head(self, self.spec, h) if self.is_last else h
+    def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
+        """x: input ids (first stage) or hidden states. Packed batches: (segment_ids, position_ids) come with x
+        (integer tensors, no grad: the schedule sends them on and sends no gradient back) and go on to the
+        next stage with the hidden states."""
+        h = stage_forward.embed(self, self.spec, x, segment_ids, position_ids) if self.is_first else x
+        h = stage_forward.run_blocks(self, self.spec, self._block_list, h, segment_ids, position_ids)
+        if self.is_last:
+            return stage_forward.head(self, self.spec, h)
+        return h if segment_ids is None else (h, segment_ids, position_ids)
 
 
 class StageUnion(nn.Module):
@@ -204,12 +211,13 @@ class Pipeline:
             self._schedule = cls(stages()[0], **kw)
             self._eval_schedule = ScheduleGPipe(stages()[0], **kw)
 
-    def _run(self, schedule, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
+    def _run(self, schedule, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
+        """`layout`: () or the (segment_ids, position_ids) of a packed batch (parallel/attention.stage_layout)."""
         losses: list[torch.Tensor] = []
         if self.is_first and self.is_last:
             raise RuntimeError("a pipeline needs pp > 1")
         if self.is_first:
-            schedule.step(input_ids)
+            schedule.step(input_ids, *layout)
         elif self.is_last:
             schedule.step(target=labels, losses=losses)
         else:
@@ -219,13 +227,13 @@ class Pipeline:
         total = sum(float((x.full_tensor() if hasattr(x, "full_tensor") else x).detach()) for x in losses)
         return total
 
-    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
-        return self._run(self._schedule, input_ids, labels)
+    def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
+        return self._run(self._schedule, input_ids, labels, layout)
 
     @torch.no_grad()
-    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> float | None:
+    def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
         if self.is_first:
-            self._eval_schedule.eval(input_ids)
+            self._eval_schedule.eval(input_ids, *layout)
             return None
         losses: list[torch.Tensor] = []
         if self.is_last:

@@ -22,6 +22,7 @@ class PromptHooks:
     # Prompt tuning / P-tuning: (stage or model, token embeddings [b, s, h]) -> [virtual | embeddings], called by
     # the first stage right after the token embedding (before position embeddings and input norms).
     input_prefix: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    virtual_tokens: int = 0  # how many positions input_prefix puts in front (masks and positions cover them)
     # Prefix tuning / P-tuning v2: (stage or model, batch size, device) -> the read-only key/value prefix cache of
     # every layer; the stage forward offsets positions and the causal mask by `prefix_len`.
     kv_prefix: Callable[[nn.Module, int, torch.device], object] | None = None

@@ -9,6 +9,11 @@ PEFT prefix tuning (parallel/prompt_hooks.py, engine/peft/prompt.py) gives every
 prefix of `stage.prefix_len` virtual positions: positions then start at prefix_len (as HF offsets them by the cache
 length), and the mask is explicit, [seq, prefix + seq], since sdpa's is_causal aligns a non-square mask
 to the top left (queries would not see the whole prefix).
+
+Packed batches (document packing, padding): the stages also receive (segment_ids, position_ids) and build the
+block-causal mask and per-sample positions of parallel/attention.py, as the whole model gets them; prompt
+tuning's virtual tokens and prefix tuning's key/value prefix stay visible to every sample of the row. BLOOM keeps
+ALiBi from absolute key positions (exact inside a block-diagonal mask: parallel/hf_compat.py).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .attention import block_causal_mask, sample_positions
 from .hf_compat import cache_kwarg
 from .models.base import FamilySpec
 
@@ -35,29 +41,40 @@ def _causal_mask(b: int, s: int, prefix: int, dtype: torch.dtype, device, additi
     return mask[None, None].expand(b, 1, s, prefix + s)
 
 
-def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor) -> torch.Tensor:
+def _stage_positions(stage: nn.Module, h: torch.Tensor, segment_ids: torch.Tensor | None,
+                     position_ids: torch.Tensor | None) -> torch.Tensor:
+    """Positions of the stage's h (virtual tokens included), after a PEFT key/value prefix."""
+    if segment_ids is None:
+        return _positions(h, stage.prefix_len)
+    return sample_positions(segment_ids, position_ids, prefix_len=stage.prefix_len,
+                            virtual_tokens=stage.virtual_tokens)
+
+
+def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
+          position_ids: torch.Tensor | None = None) -> torch.Tensor:
     h = stage.get_submodule(spec.embed_tokens)(input_ids)
-    offset = stage.prefix_len  # learned positions start after a PEFT key/value prefix
     if stage.input_prefix is not None:  # PEFT virtual tokens: positions then cover them
         h = stage.input_prefix(stage, h)
     if spec.name == "opt":
         dec = stage.get_submodule(spec.backbone)
         if dec.project_in is not None:
             h = dec.project_in(h)
-        pos = _positions(h, offset)
+        pos = _stage_positions(stage, h, segment_ids, position_ids)
         h = h + dec.embed_positions(torch.ones(h.shape[:2], dtype=input_ids.dtype, device=h.device), 0,
                                     position_ids=pos)
     elif spec.position_embedding:
-        h = h + stage.get_submodule(spec.position_embedding)(_positions(h, offset))
+        # learned positions start after a PEFT key/value prefix
+        h = h + stage.get_submodule(spec.position_embedding)(_stage_positions(stage, h, segment_ids, position_ids))
     if spec.embed_norm:
         h = stage.get_submodule(spec.embed_norm)(h)
     return h
 
 
-def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: torch.Tensor,
+               segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     n = stage.prefix_len  # PEFT key/value prefix positions in front of every block's keys
     b, s = h.shape[:2]
-    pos = _positions(h, n)
+    pos = _stage_positions(stage, h, segment_ids, position_ids)
     kwargs: dict = {}
     if n and blocks:
         kwargs[cache_kwarg(blocks[0])] = stage.kv_prefix(stage, b, h.device)
@@ -70,6 +87,10 @@ def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: t
         n_heads = stage.config.n_head
         slopes = _get_alibi_slopes(n_heads, h.device)
         kwargs["alibi"] = (slopes[:, None, None] * torch.arange(n + s, device=h.device)).repeat(b, 1, 1).to(h.dtype)
+    if segment_ids is not None:  # packed rows: block-causal, additive (a boolean 4D mask is wrong under eager)
+        kwargs["attention_mask"] = block_causal_mask(segment_ids, h.dtype, prefix_len=n,
+                                                     virtual_tokens=stage.virtual_tokens)
+    elif spec.alibi:
         kwargs["attention_mask"] = _causal_mask(b, s, n, h.dtype, h.device, additive=True)
     elif n:
         eager = getattr(stage.config, "_attn_implementation", "sdpa") == "eager"

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trellis.errors import ConfigError
+from trellis.parallel.attention import model_inputs
 from trellis.parallel.loss import causal_lm_loss_sum
 from trellis.parallel.parallelize import parallelize
 
@@ -216,8 +217,8 @@ class DeepSpeedBackend(Backend):
         self.dp = dims.dp
         # The model preparation every backend shares (layout checks, family surgery, PEFT, activation
         # checkpointing): parallelize() without its ZeRO wrap; DeepSpeed's engine shards over dp itself.
-        parallelize(model, dims, cfg, compute_dtype=compute_dtype(cfg.precision.dtype), inject_peft=inject_peft,
-                    shard_data_parallel=False)
+        self._prompt = parallelize(model, dims, cfg, compute_dtype=compute_dtype(cfg.precision.dtype),
+                                   inject_peft=inject_peft, shard_data_parallel=False).prompt
         self.ds_config = build_ds_config(cfg, self.dp)
         # Before importing deepspeed: every DeepSpeed process group on CPU JIT-builds shm_comm, offload
         # needs cpu_adam/async_io; all of them come from the project-local cache (see ds_ops).
@@ -262,7 +263,10 @@ class DeepSpeedBackend(Backend):
 
     def _loss_sum(self, b: Batch) -> torch.Tensor:
         dev = self.engine.device
-        logits = self.engine(input_ids=b.input_ids.to(dev)).logits
+        kwargs = model_inputs(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
+                              attention_mask=b.attention_mask, dtype=compute_dtype(self.cfg.precision.dtype),
+                              device=dev, prompt=self._prompt)
+        logits = self.engine(**kwargs).logits
         loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
         return loss_sum
 

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from trellis.parallel.attention import model_inputs, stage_layout
 from trellis.parallel.data_parallel import ReplicatedGradSync, ZeroOneOptimizer, local
 from trellis.parallel.grad_norm import clip_grads_, total_grad_norm
 from trellis.parallel.loss import IGNORE_INDEX, causal_lm_loss_sum, loss_parallel_context
@@ -72,6 +73,21 @@ class NativeBackend(Backend):
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches, self.dp_group)
 
+    def _model_inputs(self, b: Batch) -> dict:
+        """The HF forward's kwargs: input_ids, and for packed/padded batches the block-causal mask and positions."""
+        return model_inputs(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
+                            attention_mask=b.attention_mask, dtype=compute_dtype(self.dtype_name),
+                            device=self.ctx.device, prompt=self.pm.prompt)
+
+    def _stage_layout(self, micro_batches: list[Batch]) -> tuple:
+        """() or the (segment_ids, position_ids) the pipeline stages carry along with the activations."""
+        layouts = [stage_layout(b.input_ids, b.segment_ids, b.position_ids, b.attention_mask) for b in micro_batches]
+        if all(x is None for x in layouts):
+            return ()
+        layouts = [x or stage_layout(b.input_ids, torch.ones_like(b.input_ids), None, None)
+                   for x, b in zip(layouts, micro_batches)]
+        return tuple(torch.cat(parts).to(self.ctx.device) for parts in zip(*layouts))
+
     def _pipeline_loss(self, logits, labels):
         loss_sum, _ = causal_lm_loss_sum(logits, labels)
         return loss_sum * (self._scale / self._norm)
@@ -89,7 +105,7 @@ class NativeBackend(Backend):
             labels = torch.cat([b.labels for b in micro_batches]).to(dev)
             with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"), \
                     loss_parallel_context(self.pm.loss_parallel):
-                out = self.pm.pipeline.train_step(ids, labels)
+                out = self.pm.pipeline.train_step(ids, labels, self._stage_layout(micro_batches))
             return float(out) / self._scale if out is not None else 0.0
         total = 0.0
         n = len(micro_batches)
@@ -98,7 +114,7 @@ class NativeBackend(Backend):
                 self.module.set_requires_gradient_sync(i == n - 1)
             with loss_parallel_context(self.pm.loss_parallel):
                 with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
-                    logits = self.module(input_ids=b.input_ids.to(dev)).logits
+                    logits = self.module(**self._model_inputs(b)).logits
                 loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
                 loss = loss_sum / self._norm
                 (loss * self._scale).backward()
@@ -175,14 +191,14 @@ class NativeBackend(Backend):
             for i in range(0, len(mbs), n):
                 ids = torch.cat([b.input_ids for b in mbs[i:i + n]]).to(dev)
                 labels = torch.cat([b.labels for b in mbs[i:i + n]]).to(dev)
-                out = self.pm.pipeline.eval_step(ids, labels)
+                out = self.pm.pipeline.eval_step(ids, labels, self._stage_layout(mbs[i:i + n]))
                 total += float(out) if out is not None else 0.0
             return self._world_loss(total)
         total = 0.0
         for b in micro_batches:
             with loss_parallel_context(self.pm.loss_parallel), \
                     autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
-                logits = self.module(input_ids=b.input_ids.to(dev)).logits
+                logits = self.module(**self._model_inputs(b)).logits
                 loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
             total += float(loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum) / self._norm
         return self._world_loss(total)

@@ -101,7 +101,7 @@ def attach_prompt_learning(model: nn.Module, spec, cfg, seed: int) -> PromptHook
     stack.register_forward_pre_hook(prepend_virtual_tokens, with_kwargs=True)
     model.get_submodule(spec.lm_head).register_forward_pre_hook(drop_virtual_positions, prepend=True)
     # for parallel/pipeline.py: the first stage embeds itself (the stack hook above never fires there)
-    return PromptHooks(input_prefix=with_virtual_tokens, first_stage_only=(PROMPT_MODULE,))
+    return PromptHooks(input_prefix=with_virtual_tokens, virtual_tokens=n, first_stage_only=(PROMPT_MODULE,))
 
 
 def with_virtual_tokens(root: nn.Module, tok: torch.Tensor) -> torch.Tensor:
