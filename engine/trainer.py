@@ -1,8 +1,9 @@
-"""Trainer: data → backend.train_step → LR schedule → metrics → checkpoints, on every rank.
+"""Trainer (`trellis train`): the Python API's Engine in a loop, with metrics, checkpoints and signals.
 
-The Trainer owns what is the same for every backend (data order, schedule, metrics, signals,
-checkpoint cadence); the backend (engine/backends/: native or DeepSpeed, chosen by build_backend) owns the
-step and the model/optimizer state the Checkpointer saves.
+One code path with the API (engine/api.py): the Engine builds the model, backend, data position and
+Checkpointer and runs each step (engine.batches / engine.train_step, the LR schedule, the step counter); the
+Trainer adds what a CLI run needs around it (metrics, progress, the checkpoint cadence, resume, stop signals,
+the non-finite guard, the final summary and evaluation).
 """
 
 from __future__ import annotations
@@ -15,18 +16,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from trellis.errors import ConfigError, TrainingDiverged
-from trellis.parallel.dims import ParallelDims
+from trellis.errors import TrainingDiverged
 
-from .backends import build_backend
-from .checkpoint.checkpointer import Checkpointer
-from .data import GlobalBatchSampler, build_dataset
+from .api import Engine
 from .distributed import DistContext
 from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
-from .model import build_model, check_vocab
-from .optim import lr_at
-from .peft.inject import make_injector
-from .tokenizer import find_tokenizer, load_tokenizer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
@@ -65,39 +59,23 @@ class Trainer:
     def __init__(self, cfg, ctx: DistContext):
         self.cfg = cfg
         self.ctx = ctx
-        self.dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, ctx.world_size)
-        check_global_batch(cfg, self.dims)
-        self.dims.build_mesh(ctx.device.type)
-        self.step = 0
-        self.tokens_seen = 0
-        self._setup()
+        self.engine = Engine(cfg, ctx)
+        e = self.engine
+        self.dims, self.backend, self.checkpointer = e.dims, e.backend, e.checkpointer
+        self.tokenizer, self.hf_config, self.model_dir = e.tokenizer, e.hf_config, e.model_dir
+        self.model_type, self.num_params = e.model_type, e.num_params
+        self._setup_data()
 
-    # ---- set-up ---------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        cfg = self.cfg
-        model, model_dir = build_model(cfg.model, seed=cfg.train.seed, device=self.ctx.device)
-        self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(find_tokenizer(model_dir, cfg.model.tokenizer))
-        check_vocab(model, self.tokenizer)
-        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if max_pos and cfg.data.seq_len > max_pos:
-            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max positions {max_pos}")
-        self.model_type = model.config.model_type
-        self.hf_config = model.config
-        self.num_params = sum(p.numel() for p in model.parameters())
-        hold_out = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dims.dp
-        self.train_data, self.eval_data = build_dataset(cfg.data, self.tokenizer, cfg.train.seed, hold_out)
-        coord = self.dims.coordinate()
-        self.sampler = GlobalBatchSampler(self.train_data, micro_batch_size=cfg.train.micro_batch_size,
-                                          grad_accum=cfg.train.grad_accum, dp_rank=coord["dp"], dp_size=self.dims.dp)
-        inject = make_injector(cfg) if cfg.peft.method != "none" else None
-        self.backend = build_backend(cfg, self.ctx, self.dims, model, inject_peft=inject)
-        # Distinct data-independent randomness per rank (dropout), reproducible from the seed.
-        torch.manual_seed(cfg.train.seed + 1000 + self.ctx.rank)
-        self.checkpointer = None
-        if cfg.checkpoint.dir:
-            self.checkpointer = Checkpointer(cfg, self.backend, self.sampler, dims=self.dims,
-                                             hf_config=self.hf_config, rank=self.ctx.rank)
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.engine.tokens_seen
+
+    def _setup_data(self) -> None:
+        self.train_data, self.eval_data = self.engine.datasets()
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -110,7 +88,8 @@ class Trainer:
             resumed = self.checkpointer.maybe_resume()
             if resumed is not None:
                 resumed_from, state = resumed
-                self.step, self.tokens_seen = state.step, state.tokens_seen
+                self.engine.step = self.engine.sampler.step = state.step
+                self.engine.tokens_seen = state.tokens_seen
         writer = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
                                resume=resumed_from is not None) if main else None
         progress = Progress(cfg.logging.progress, cfg.train.steps, self.step) if main else None
@@ -122,12 +101,9 @@ class Trainer:
         nonfinite_run = 0  # consecutive steps with a non-finite loss or gradient norm
         stopped_by = 0
         try:
-            while self.step < cfg.train.steps:
-                lr = lr_at(self.step, cfg.train)
-                batches = self.sampler.next()
-                res = self.backend.train_step(batches, lr)
-                self.step += 1
-                self.tokens_seen += res.tokens
+            for batches in self.engine.batches(self.train_data):
+                res = self.engine.train_step(batches)
+                lr = res.lr
                 dt = timer.lap()
                 step_times.append(dt)
                 skipped += int(res.skipped)
@@ -194,10 +170,7 @@ class Trainer:
         return summary
 
     def evaluate(self) -> float:
-        ev = GlobalBatchSampler(self.eval_data, micro_batch_size=self.cfg.train.micro_batch_size,
-                                grad_accum=self.cfg.train.eval_batches, dp_rank=self.dims.coordinate()["dp"],
-                                dp_size=self.dims.dp)
-        return self.backend.eval_loss(ev.micro_batches(0))
+        return self.engine.eval_loss(self.engine.eval_batches())
 
     def _gather_peak_memory(self) -> list[int]:
         t = torch.tensor([peak_memory_bytes(self.ctx.device)], dtype=torch.int64)
@@ -214,18 +187,6 @@ class Trainer:
         rows: list = [None] * self.ctx.world_size
         dist.all_gather_object(rows, row)
         return rows
-
-
-def check_global_batch(cfg, dims: ParallelDims) -> None:
-    """train.global_batch_size (0 = derived) against micro batch x grad_accum x dp once dp is resolved (a
-    parallel.dp of -1 is known only with the world size)."""
-    t = cfg.train
-    derived = t.micro_batch_size * t.grad_accum * dims.dp
-    if t.global_batch_size and t.global_batch_size != derived:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
-            f"train.grad_accum ({t.grad_accum}) x parallel.dp ({dims.dp}) = {derived} on {dims.world_size} ranks; "
-            "change one of them or set train.global_batch_size=0 to derive it")
 
 
 def train_this_rank(cfg, ctx: DistContext) -> dict:
