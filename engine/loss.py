@@ -65,18 +65,28 @@ class PipelineFeed:
     micro-batch order 0, 1, ...; the feed hands out the step's micro-batches in that order and checks each
     against the labels the schedule passed, so an order it did not expect is an error, never a wrong loss."""
 
-    def __init__(self, micro_batches: list[Batch], device):
+    def __init__(self, micro_batches: list[Batch], device, inference_call: bool = False):
+        """`inference_call`: the schedule's first step, whose first loss call is torch's metadata inference on
+        micro-batch 0 (Pipeline.first_run); it gets micro-batch 0 without advancing."""
         self._batches = micro_batches
         self._device = device
         self._next = 0
+        self._inference_call = inference_call
 
     def take(self, labels: torch.Tensor) -> Batch:
+        if self._inference_call:
+            self._inference_call = False
+            return self._check(on_device(self._batches[0], self._device), labels, 0)
         if self._next >= len(self._batches):
             raise RuntimeError(f"the pipeline schedule asked for a loss of micro-batch {self._next} of "
                                f"{len(self._batches)}")
-        b = on_device(self._batches[self._next], self._device)
-        if not torch.equal(b.labels, labels.to(b.labels.device)):
-            raise RuntimeError(f"the pipeline schedule's loss call {self._next} is not micro-batch {self._next} "
-                               "(labels differ): the schedule's order is not the one trellis relies on")
+        b = self._check(on_device(self._batches[self._next], self._device), labels, self._next)
         self._next += 1
+        return b
+
+    @staticmethod
+    def _check(b: Batch, labels: torch.Tensor, i: int) -> Batch:
+        if not torch.equal(b.labels, labels.to(b.labels.device)):
+            raise RuntimeError(f"the pipeline schedule's loss call for micro-batch {i} got other labels: the "
+                               "schedule's order is not the one trellis relies on")
         return b

@@ -98,7 +98,8 @@ class NativeBackend(Backend):
         if self.pm.pipeline is not None:
             ids = torch.cat([b.input_ids for b in micro_batches]).to(dev)
             labels = torch.cat([b.labels for b in micro_batches]).to(dev)
-            self._loss_fn, self._feed = loss_fn, PipelineFeed(micro_batches, dev)
+            self._loss_fn = loss_fn
+            self._feed = PipelineFeed(micro_batches, dev, self.pm.pipeline.first_run(train=True))
             with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"), \
                     loss_parallel_context(lp):
                 out = self.pm.pipeline.train_step(ids, labels)
@@ -189,7 +190,8 @@ class NativeBackend(Backend):
             for i in range(0, len(mbs), n):
                 ids = torch.cat([b.input_ids for b in mbs[i:i + n]]).to(dev)
                 labels = torch.cat([b.labels for b in mbs[i:i + n]]).to(dev)
-                self._loss_fn, self._feed = loss_fn, PipelineFeed(mbs[i:i + n], dev)
+                self._loss_fn = loss_fn
+                self._feed = PipelineFeed(mbs[i:i + n], dev, self.pm.pipeline.first_run(train=False))
                 with loss_parallel_context(lp):
                     out = self.pm.pipeline.eval_step(ids, labels)
                 total += float(out) if out is not None else 0.0
