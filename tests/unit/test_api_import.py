@@ -1,0 +1,31 @@
+"""`import trellis` stays cheap: the Python API is loaded on first use (trellis/__init__.py's __getattr__)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_import_trellis_does_not_import_torch():
+    code = ("import sys, trellis; assert 'torch' not in sys.modules, 'import trellis pulled in torch'; "
+            "trellis.load_config; assert 'torch' in sys.modules; print(trellis.load_config.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "trellis.engine.api"
+
+
+def test_load_config_from_preset_dict_and_trainconfig_with_cli_errors():
+    import pytest
+
+    import trellis
+    from trellis.errors import ConfigError
+
+    cfg = trellis.load_config("tiny-llama", ["--parallel.tp=2", "--peft.method=lora"])
+    assert cfg.parallel.tp == 2 and cfg.peft.method == "lora"
+    again = trellis.load_config(cfg, ["--train.lr=1e-3"])
+    assert again.parallel.tp == 2 and again.train.lr == 1e-3
+    assert trellis.load_config({"train": {"steps": 7}}).train.steps == 7
+    with pytest.raises(ConfigError, match="train.lrr: unknown key; did you mean 'train.lr'"):
+        trellis.load_config({"train": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match="train.objective='dpo' is not available yet"):
+        trellis.load_config("tiny-llama", ["--train.objective=dpo"])
