@@ -29,3 +29,23 @@ def test_load_config_from_preset_dict_and_trainconfig_with_cli_errors():
         trellis.load_config({"train": {"lrr": 1.0}})
     with pytest.raises(ConfigError, match="train.objective='dpo' is not available yet"):
         trellis.load_config("tiny-llama", ["--train.objective=dpo"])
+
+
+def test_meta_model_is_materialised_with_build_models_init():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import trellis
+    from trellis.engine.api import prepare_user_model
+    from trellis.engine.model import build_model, load_hf_config
+
+    cfg = trellis.load_config("tiny-llama")
+    ref, _ = build_model(cfg.model, seed=cfg.train.seed)
+    _, hf = load_hf_config(cfg.model)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf)
+    got, _ = prepare_user_model(meta, seed=cfg.train.seed, device=torch.device("cpu"))
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    assert all(torch.equal(ref_sd[k], got_sd[k]) for k in ref_sd)
+    assert got.training and not got.config.use_cache
