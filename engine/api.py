@@ -171,7 +171,9 @@ class Engine:
     def _checkpointer(self, root: Path) -> Checkpointer:
         root = Path(root).resolve()
         if root not in self._checkpointers:
-            cfg = dataclasses.replace(self.cfg, checkpoint=dataclasses.replace(self.cfg.checkpoint, dir=str(root)))
+            cfg = self.cfg
+            if not cfg.checkpoint.dir or Path(cfg.checkpoint.dir).resolve() != root:
+                cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, dir=str(root)))
             self._checkpointers[root] = Checkpointer(cfg, self.backend, self.sampler, dims=self.dims,
                                                      hf_config=self.hf_config, rank=self.rank)
         return self._checkpointers[root]

@@ -101,6 +101,18 @@ def api_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
             res["losses"].append(r.loss)
             res["lrs"].append(r.lr)
             res["steps"].append(engine.step)
+            if engine.step == sc.get("save_at"):  # save, then continue in a fresh engine from the checkpoint
+                saved = engine.save(sc["save_dir"])
+                engine = trellis.initialize(cfg)
+                res["loaded"] = str(engine.load(sc["save_dir"]))
+                res["saved"] = str(saved)
+                break
+        if "save_at" in sc:
+            for mbs in engine.batches():
+                res["losses"].append(engine.train_step(mbs, loss_fn=loss_fn).loss)
+                res["steps"].append(engine.step)
+        if sc.get("export_to"):
+            res["exported"] = str(engine.export_adapter(sc["export_to"]))
         if sc.get("loss") == "vocab_parallel":
             res["saw_dtensor"] = vocab_parallel_ce.saw_dtensor
         out.append(res)
@@ -114,7 +126,7 @@ def trainer_ctx():
 
 
 # ---- the 1-process reference (no trellis parallel code) -----------------------------------------------
-def reference_losses(overrides: dict, loss_name: str | None) -> list[float]:
+def reference_losses(overrides: dict, loss_name: str | None, steps: int = STEPS) -> list[float]:
     from trellis.engine.data import GlobalBatchSampler, build_dataset
     from trellis.engine.model import build_model
     from trellis.engine.tokenizer import find_tokenizer, load_tokenizer
@@ -128,7 +140,7 @@ def reference_losses(overrides: dict, loss_name: str | None) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0,
                             foreach=False)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         batches = sampler.next()
         n = sum(int((b.labels != -100).sum()) for b in batches)
         total = 0.0
@@ -171,7 +183,12 @@ TWO_RANKS = {
 def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
     scenarios = [{"overrides": {**BASE, **ov}, "loss": loss} for ov, loss in TWO_RANKS.values()]
     cli_ov = {**BASE, "parallel.dp": 2, "logging.metrics_file": str(tmp_path / "cli.jsonl")}
-    scenarios += [{"overrides": cli_ov, "cli": True},
+    resume_ov = {**BASE, "parallel.dp": 2, "train.steps": 4}
+    lora_ov = {**BASE, "parallel.dp": 2, "train.steps": 1, "peft.method": "lora",
+               "checkpoint.dir": str(tmp_path / "lora_ckpt")}
+    scenarios += [{"overrides": resume_ov, "loss": "smoothed", "save_at": 2, "save_dir": str(tmp_path / "ck")},
+                  {"overrides": lora_ov, "export_to": str(tmp_path / "adapter")},
+                  {"overrides": cli_ov, "cli": True},
                   {"overrides": {**BASE, "parallel.dp": 2}, "bad_calls": True}]
     results = run_ranks(2, api_scenarios, scenarios, timeout=400)
     r0 = results[0]
@@ -184,6 +201,13 @@ def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
     # smoothing changes the loss: the custom loss was really used (vs plain cross-entropy on the same data)
     plain = reference_losses({**BASE, "parallel.dp": 2}, None)
     assert max(abs(a - b) for a, b in zip(r0[0]["losses"], plain)) > 10 * TOL
+    resumed = r0[len(TWO_RANKS)]
+    ref4 = reference_losses(resume_ov, "smoothed", steps=4)
+    print("save at step 2 + load in a fresh engine:", resumed["losses"], "reference", ref4)
+    assert resumed["steps"] == [1, 2, 3, 4] and resumed["loaded"] == resumed["saved"]
+    assert max(abs(a - b) for a, b in zip(resumed["losses"], ref4)) <= TOL
+    adapter = Path(r0[len(TWO_RANKS) + 1]["exported"])
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     cli, api = r0[-2]["losses"], r0[-1]["losses"]
     print("CLI", cli, "API", api)
     assert cli == api, "the CLI's Trainer and the API loop must give bit-identical losses"
