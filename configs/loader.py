@@ -215,16 +215,19 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
-def load(path: str | None = None, overrides: list[str] | dict[str, Any] | None = None,
+def load(path: str | dict | None = None, overrides: list[str] | dict[str, Any] | None = None,
          deepspeed_json: str | None = None) -> TrainConfig:
-    """Config file (or preset) + optional DeepSpeed JSON + dotted CLI overrides → validated config.
+    """Config file (or preset, or a {section: {key: value}} dict as TOML would give) + optional DeepSpeed JSON
+    + dotted CLI overrides → validated config.
 
     Precedence, lowest first: schema defaults, the TOML file, the DeepSpeed JSON, CLI overrides.
     """
     errors: list[str] = []
     values: dict[str, Any] = {}
     source = ""
-    if path:
+    if isinstance(path, dict):
+        values.update(_flatten(path, errors))
+    elif path:
         p = resolve_config_path(path)
         source = str(p)
         values.update(_flatten(read_toml(p), errors))

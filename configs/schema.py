@@ -144,6 +144,10 @@ class TrainLoopConfig:
     # A step whose loss or gradient norm is inf/nan (agreed over the world) is skipped (no weights change;
     # fp16 overflows are the loss scaler's); this many such steps in a row stop the run with an error.
     max_nonfinite_steps: int = 3
+    # The training objective: causal-LM cross-entropy, or DPO on preference pairs (not available yet).
+    objective: Literal["causal_lm", "dpo"] = "causal_lm"
+    # DPO's beta (the KL strength of the sigmoid loss); read only with train.objective='dpo'.
+    dpo_beta: float = 0.1
 
     def __post_init__(self):
         # steps = 0 means "not given": the default length unless epochs sets it (resolved with the dataset).

@@ -132,6 +132,11 @@ def _train(cfg: TrainConfig) -> list[str]:
     if p.pp > 1 and t.grad_accum < p.pp:
         e.append(f"train.grad_accum={t.grad_accum}: pipeline parallel needs at least parallel.pp="
                  f"{p.pp} micro-batches per step; set train.grad_accum >= {p.pp}")
+    if t.objective == "dpo":
+        e.append("train.objective='dpo' is not available yet; use train.objective='causal_lm', or a DPO loss of "
+                 "your own through the Python API (trellis.initialize + engine.train_step(loss_fn=...))")
+    if t.dpo_beta <= 0:
+        e.append(f"train.dpo_beta={t.dpo_beta}: must be > 0")
     if t.optimizer == "adamw8bit" and cfg.zero.backend == "deepspeed":
         e.append("train.optimizer='adamw8bit' is not available with zero.backend='deepspeed'; "
                  "use 'adamw' or the native backend")

@@ -1,8 +1,9 @@
-"""Trainer: data → backend.train_step → LR schedule → metrics → checkpoints, on every rank.
+"""Trainer (`trellis train`): the Python API's Engine in a loop, with metrics, checkpoints and signals.
 
-The Trainer owns what is the same for every backend (data order, schedule, metrics, signals,
-checkpoint cadence); the backend (engine/backends/: native or DeepSpeed, chosen by build_backend) owns the
-step and the model/optimizer state the Checkpointer saves.
+One code path with the API (engine/api.py): the Engine builds the model, backend, data position and
+Checkpointer and runs each step (engine.batches / engine.train_step, the LR schedule, the step counter); the
+Trainer adds what a CLI run needs around it (metrics, progress, the checkpoint cadence, resume, stop signals,
+the non-finite guard, the final summary and evaluation).
 """
 
 from __future__ import annotations
@@ -10,24 +11,16 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from trellis.errors import ConfigError, TrainingDiverged
-from trellis.parallel.dims import ParallelDims
+from trellis.errors import TrainingDiverged
 
-from .backends import build_backend
-from .checkpoint.checkpointer import Checkpointer
-from .data import GlobalBatchSampler, build_dataset
+from .api import Engine
 from .distributed import DistContext
 from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
-from .model import build_model, check_vocab
-from .optim import lr_at
-from .peft.inject import make_injector
-from .tokenizer import find_tokenizer, load_tokenizer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
@@ -66,49 +59,25 @@ class Trainer:
     def __init__(self, cfg, ctx: DistContext):
         self.cfg = cfg
         self.ctx = ctx
-        self.dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, ctx.world_size)
-        check_global_batch(cfg, self.dims)
-        self.dims.build_mesh(ctx.device.type)
-        self.step = 0
-        self.tokens_seen = 0
+        self.engine = Engine(cfg, ctx)
+        e = self.engine
+        self.dims, self.backend, self.checkpointer = e.dims, e.backend, e.checkpointer
+        self.tokenizer, self.hf_config, self.model_dir = e.tokenizer, e.hf_config, e.model_dir
+        self.model_type, self.num_params = e.model_type, e.num_params
         self.input_tokens_seen = 0  # non-padding input positions, all dp ranks
-        self._setup()
+        self._setup_data()
 
-    # ---- set-up ---------------------------------------------------------------------------------
-    def _setup(self) -> None:
-        cfg = self.cfg
-        model, model_dir = build_model(cfg.model, seed=cfg.train.seed, device=self.ctx.device)
-        self.model_dir = model_dir
-        self.tokenizer = load_tokenizer(find_tokenizer(model_dir, cfg.model.tokenizer))
-        check_vocab(model, self.tokenizer)
-        max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        if max_pos and cfg.data.seq_len > max_pos:
-            raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max positions {max_pos}")
-        self.model_type = model.config.model_type
-        self.hf_config = model.config
-        self.num_params = sum(p.numel() for p in model.parameters())
-        hold_out = cfg.train.eval_batches * cfg.train.micro_batch_size * self.dims.dp
-        self.train_data, self.eval_data = build_dataset(cfg.data, self.tokenizer, cfg.train.seed, hold_out,
-                                                        rank=self.ctx.rank, log=lambda m: print(m, file=sys.stderr))
-        coord = self.dims.coordinate()
-        self.sampler = GlobalBatchSampler(self.train_data, micro_batch_size=cfg.train.micro_batch_size,
-                                          grad_accum=cfg.train.grad_accum, dp_rank=coord["dp"], dp_size=self.dims.dp)
-        self.eval_sampler = None
-        if self.eval_data is not None and cfg.train.eval_batches:
-            self.eval_sampler = GlobalBatchSampler(self.eval_data, micro_batch_size=cfg.train.micro_batch_size,
-                                                   grad_accum=cfg.train.eval_batches, dp_rank=coord["dp"],
-                                                   dp_size=self.dims.dp, name="the eval set")
-        self.steps_per_epoch = len(self.train_data) // self.sampler.global_batch_size
-        if cfg.train.epochs:  # resolved into the config: the LR schedule, PEFT and the exit code read train.steps
-            cfg.train.steps = cfg.train.epochs * len(self.train_data) // self.sampler.global_batch_size
-        inject = make_injector(cfg) if cfg.peft.method != "none" else None
-        self.backend = build_backend(cfg, self.ctx, self.dims, model, inject_peft=inject)
-        # Distinct data-independent randomness per rank (dropout), reproducible from the seed.
-        torch.manual_seed(cfg.train.seed + 1000 + self.ctx.rank)
-        self.checkpointer = None
-        if cfg.checkpoint.dir:
-            self.checkpointer = Checkpointer(cfg, self.backend, self.sampler, dims=self.dims,
-                                             hf_config=self.hf_config, rank=self.ctx.rank)
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.engine.tokens_seen
+
+    def _setup_data(self) -> None:
+        self.train_data, self.eval_data = self.engine.datasets()
+        self.steps_per_epoch = self.engine.steps_per_epoch
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -121,8 +90,9 @@ class Trainer:
             resumed = self.checkpointer.maybe_resume()
             if resumed is not None:
                 resumed_from, state = resumed
-                self.step, self.tokens_seen = state.step, state.tokens_seen
-                self.input_tokens_seen = self.sampler.input_tokens(0, self.step)
+                self.engine.step = self.engine.sampler.step = state.step
+                self.engine.tokens_seen = state.tokens_seen
+                self.input_tokens_seen = self.engine.input_tokens(0, self.step)
         writer = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
                                resume=resumed_from is not None) if main else None
         progress = Progress(cfg.logging.progress, cfg.train.steps, self.step) if main else None
@@ -134,13 +104,10 @@ class Trainer:
         nonfinite_run = 0  # consecutive steps with a non-finite loss or gradient norm
         stopped_by = 0
         try:
-            while self.step < cfg.train.steps:
-                lr = lr_at(self.step, cfg.train)
-                self.input_tokens_seen += self.sampler.input_tokens(self.sampler.step)
-                batches = self.sampler.next()
-                res = self.backend.train_step(batches, lr)
-                self.step += 1
-                self.tokens_seen += res.tokens
+            for batches in self.engine.batches(self.train_data):
+                self.input_tokens_seen += self.engine.input_tokens(self.step)
+                res = self.engine.train_step(batches)
+                lr = res.lr
                 dt = timer.lap()
                 step_times.append(dt)
                 skipped += int(res.skipped)
@@ -150,7 +117,7 @@ class Trainer:
                        "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
                        "step_time_s": dt, "tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen,
                        "skipped": res.skipped}
-                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.eval_sampler:
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.eval_data is not None:
                     rec["eval_loss"] = self.evaluate()
                 # loss and grad norm are reduced over the world: every rank takes the same branch
                 bad = _nonfinite(res.loss) or (_nonfinite(res.grad_norm) and self.backend.loss_scaler is None)
@@ -208,7 +175,7 @@ class Trainer:
             "stopped_by_signal": stopped_by or None,
             "resumed_from": str(resumed_from) if resumed_from else None,
         }
-        if self.eval_sampler is not None:
+        if self.eval_data is not None and cfg.train.eval_batches:
             summary["eval_loss"] = self.evaluate()
         table = self._gather_memory_table()
         if main and cfg.logging.progress != "none":
@@ -216,7 +183,7 @@ class Trainer:
         return summary
 
     def evaluate(self) -> float:
-        return self.backend.eval_loss(self.eval_sampler.micro_batches(0))
+        return self.engine.eval_loss(self.engine.eval_batches())
 
     def _data_line(self) -> str:
         st = self.train_data.stats
@@ -241,18 +208,6 @@ class Trainer:
         rows: list = [None] * self.ctx.world_size
         dist.all_gather_object(rows, row)
         return rows
-
-
-def check_global_batch(cfg, dims: ParallelDims) -> None:
-    """train.global_batch_size (0 = derived) against micro batch x grad_accum x dp once dp is resolved (a
-    parallel.dp of -1 is known only with the world size)."""
-    t = cfg.train
-    derived = t.micro_batch_size * t.grad_accum * dims.dp
-    if t.global_batch_size and t.global_batch_size != derived:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
-            f"train.grad_accum ({t.grad_accum}) x parallel.dp ({dims.dp}) = {derived} on {dims.world_size} ranks; "
-            "change one of them or set train.global_batch_size=0 to derive it")
 
 
 def train_this_rank(cfg, ctx: DistContext) -> dict:

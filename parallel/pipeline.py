@@ -227,6 +227,12 @@ class Pipeline:
         total = sum(float((x.full_tensor() if hasattr(x, "full_tensor") else x).detach()) for x in losses)
         return total
 
+    def first_run(self, train: bool) -> bool:
+        """True before the schedule's first step: torch then runs a metadata-inference forward, and on the last
+        stage one extra loss call on (detached copies of) micro-batch 0, before the real micro-batches."""
+        s = self._schedule if train else self._eval_schedule
+        return not getattr(s, "_stage_forward_initialized", getattr(s, "_stages_forward_initialized", True))
+
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
         return self._run(self._schedule, input_ids, labels, layout)
 

@@ -7,6 +7,7 @@ Checkpointer use it only through this interface.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ class StepResult:
     skipped: bool          # fp16 overflow: no parameter or optimizer state changed
     loss_scale: float | None  # fp16: the scale after this step's update (what the next step uses)
     tokens: int            # tokens in the global batch
+    lr: float = math.nan   # the learning rate of this step (set by the Engine, engine/api.py)
 
 
 class LossScaler(Protocol):
@@ -50,11 +52,12 @@ class Backend(ABC):
         any rank starts, so it must be cheap (no heavy imports)."""
 
     @abstractmethod
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
-        """Forward/backward over this rank's micro-batches, gradient reduction, optimizer step."""
+    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn=None) -> StepResult:
+        """Forward/backward over this rank's micro-batches, gradient reduction, optimizer step. `loss_fn`: a
+        user's per-micro-batch loss (engine/loss.py), None = causal-LM cross-entropy."""
 
     @abstractmethod
-    def eval_loss(self, micro_batches: list[Batch]) -> float:
+    def eval_loss(self, micro_batches: list[Batch], loss_fn=None) -> float:
         """Mean token loss over the global batch, no gradients."""
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:

@@ -23,13 +23,13 @@ import torch.distributed as dist
 
 from trellis.errors import ConfigError
 from trellis.parallel.attention import model_inputs
-from trellis.parallel.loss import causal_lm_loss_sum
 from trellis.parallel.parallelize import parallelize
 
 from ..amp import compute_dtype
 from ..checkpoint.safe_load import check_state_dir, torch_load_weights_only
 from ..data import Batch, global_token_count
 from ..distributed import broadcast_object
+from ..loss import LossFn, micro_loss_sum, on_device
 from ..optim import param_groups
 from . import ds_ops
 from .base import Backend, StepResult
@@ -261,17 +261,16 @@ class DeepSpeedBackend(Backend):
         dist.all_reduce(t)
         return float(t.item())
 
-    def _loss_sum(self, b: Batch) -> torch.Tensor:
+    def _loss_sum(self, b: Batch, loss_fn: LossFn | None) -> torch.Tensor:
         dev = self.engine.device
         kwargs = model_inputs(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
                               attention_mask=b.attention_mask, dtype=compute_dtype(self.cfg.precision.dtype),
                               device=dev, prompt=self._prompt)
         logits = self.engine(**kwargs).logits
-        loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
-        return loss_sum
+        return micro_loss_sum(loss_fn, logits, on_device(b, dev))
 
     # ---- the step ------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None) -> StepResult:
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
             raise RuntimeError(f"{len(micro_batches)} micro-batches for DeepSpeed's gradient_accumulation_steps="
                                f"{self.engine.gradient_accumulation_steps()}")
@@ -281,7 +280,7 @@ class DeepSpeedBackend(Backend):
         skipped_before = self.engine.skipped_steps
         total = 0.0
         for b in micro_batches:
-            loss = self._loss_sum(b) / norm
+            loss = self._loss_sum(b, loss_fn) / norm
             # ×dp undoes DeepSpeed's dp average; scale_wrt_gas=False keeps our global-token normalisation.
             self.engine.backward(loss * self.dp, scale_wrt_gas=False)
             self.engine.step()  # an optimizer update only at DeepSpeed's accumulation boundary
@@ -293,11 +292,11 @@ class DeepSpeedBackend(Backend):
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(norm))
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[Batch]) -> float:
+    def eval_loss(self, micro_batches: list[Batch], loss_fn: LossFn | None = None) -> float:
         norm = float(self._global_tokens(micro_batches))
         self.engine.eval()
         try:
-            total = sum(float(self._loss_sum(b)) for b in micro_batches) / norm
+            total = sum(float(self._loss_sum(b, loss_fn)) for b in micro_batches) / norm
         finally:
             self.engine.train()
         return self._world_sum(total)

@@ -20,6 +20,7 @@ from trellis.parallel.parallelize import ParallelModel, parallelize
 from ..checkpoint.safe_load import dcp_load
 from ..amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
 from ..data import Batch, global_token_count
+from ..loss import LossFn, PipelineFeed, micro_loss_sum, on_device, takes_sharded_logits
 from ..optim import build_optimizer, set_lr
 from ..peft.adalora import build as build_adalora
 from .base import Backend, StepResult
@@ -36,6 +37,8 @@ class NativeBackend(Backend):
         self.dtype_name = cfg.precision.dtype
         self._norm = 1.0  # global token count of the current step (loss normaliser)
         self._scale = 1.0
+        self._loss_fn: LossFn | None = None  # the current step's loss (None = causal-LM cross-entropy)
+        self._feed: PipelineFeed | None = None  # the current step's micro-batches for the pipeline's loss
         self._grad_bytes = 0  # the most gradient bytes held at once (live .grad tensors, before zero_grad)
         self.pm: ParallelModel = parallelize(
             model, dims, cfg, compute_dtype=compute_dtype(self.dtype_name), inject_peft=inject_peft,
@@ -89,8 +92,15 @@ class NativeBackend(Backend):
         return tuple(torch.cat(parts).to(self.ctx.device) for parts in zip(*layouts))
 
     def _pipeline_loss(self, logits, labels):
-        loss_sum, _ = causal_lm_loss_sum(logits, labels)
+        if self._loss_fn is None:
+            loss_sum, _ = causal_lm_loss_sum(logits, labels)
+        else:  # a user's loss also reads the micro-batch's extras: the feed hands it the schedule's micro-batch
+            loss_sum = micro_loss_sum(self._loss_fn, logits, self._feed.take(labels))
         return loss_sum * (self._scale / self._norm)
+
+    def _loss_parallel(self, loss_fn: LossFn | None) -> bool:
+        """Run the loss inside torch's loss_parallel: tp logits read sharded (engine/loss.py)."""
+        return self.pm.loss_parallel and takes_sharded_logits(loss_fn)
 
     def _world_loss(self, local_loss: float) -> float:
         """Mean loss over the global batch: each (dp, last-stage, tp-rank-0) rank contributes its part."""
@@ -98,13 +108,16 @@ class NativeBackend(Backend):
         dist.all_reduce(t)
         return float(t.item())
 
-    def _forward_backward(self, micro_batches: list[Batch]) -> float:
+    def _forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn | None) -> float:
         dev = self.ctx.device
+        lp = self._loss_parallel(loss_fn)
         if self.pm.pipeline is not None:
             ids = torch.cat([b.input_ids for b in micro_batches]).to(dev)
             labels = torch.cat([b.labels for b in micro_batches]).to(dev)
+            self._loss_fn = loss_fn
+            self._feed = PipelineFeed(micro_batches, dev, self.pm.pipeline.first_run(train=True))
             with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"), \
-                    loss_parallel_context(self.pm.loss_parallel):
+                    loss_parallel_context(lp):
                 out = self.pm.pipeline.train_step(ids, labels, self._stage_layout(micro_batches))
             return float(out) / self._scale if out is not None else 0.0
         total = 0.0
@@ -112,20 +125,19 @@ class NativeBackend(Backend):
         for i, b in enumerate(micro_batches):
             if self.pm.fsdp:
                 self.module.set_requires_gradient_sync(i == n - 1)
-            with loss_parallel_context(self.pm.loss_parallel):
+            with loss_parallel_context(lp):
                 with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                     logits = self.module(**self._model_inputs(b)).logits
-                loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
-                loss = loss_sum / self._norm
+                loss = micro_loss_sum(loss_fn, logits, on_device(b, dev)) / self._norm
                 (loss * self._scale).backward()
             total += float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach())
         return total
 
     # ---- the step ------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None) -> StepResult:
         self._norm = float(self._global_tokens(micro_batches))
         self._scale = self.scaler.scale if self.scaler is not None else 1.0
-        local_loss = self._forward_backward(micro_batches)
+        local_loss = self._forward_backward(micro_batches, loss_fn)
         if self.adalora is not None:  # peft's orthogonal regulariser, once per step
             local_loss += self.adalora.backward_orth_reg(self._scale, self.dims.dp)
         if self.grad_sync is not None:
@@ -176,30 +188,36 @@ class NativeBackend(Backend):
         return set() if pipe is None else {id(p) for p in pipe.duplicate_params()}
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[Batch]) -> float:
+    def eval_loss(self, micro_batches: list[Batch], loss_fn: LossFn | None = None) -> float:
         self._norm = float(self._global_tokens(micro_batches))
         self._scale = 1.0
         dev = self.ctx.device
+        lp = self._loss_parallel(loss_fn)
         if self.pm.pipeline is not None:
             # The schedule runs a fixed number of micro-batches (train.grad_accum): evaluate in rounds of that
             # size; the last round is filled with label-less micro-batches (ignored by the loss sum).
             n = self.pm.pipeline.n_microbatches
             mbs = list(micro_batches)
-            filler = Batch(input_ids=torch.zeros_like(mbs[0].input_ids), labels=torch.full_like(mbs[0].labels, IGNORE_INDEX))
+            # (the filler keeps the first micro-batch's extras, so a user's loss finds its keys; no label counts)
+            filler = Batch(input_ids=torch.zeros_like(mbs[0].input_ids), labels=torch.full_like(mbs[0].labels, IGNORE_INDEX),
+                           extra=mbs[0].extra)
             mbs += [filler] * (-len(mbs) % n)
             total = 0.0
             for i in range(0, len(mbs), n):
                 ids = torch.cat([b.input_ids for b in mbs[i:i + n]]).to(dev)
                 labels = torch.cat([b.labels for b in mbs[i:i + n]]).to(dev)
-                out = self.pm.pipeline.eval_step(ids, labels, self._stage_layout(mbs[i:i + n]))
+                self._loss_fn = loss_fn
+                self._feed = PipelineFeed(mbs[i:i + n], dev, self.pm.pipeline.first_run(train=False))
+                with loss_parallel_context(lp):
+                    out = self.pm.pipeline.eval_step(ids, labels, self._stage_layout(mbs[i:i + n]))
                 total += float(out) if out is not None else 0.0
             return self._world_loss(total)
         total = 0.0
         for b in micro_batches:
-            with loss_parallel_context(self.pm.loss_parallel), \
+            with loss_parallel_context(lp), \
                     autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                 logits = self.module(**self._model_inputs(b)).logits
-                loss_sum, _ = causal_lm_loss_sum(logits, b.labels.to(dev))
+                loss_sum = micro_loss_sum(loss_fn, logits, on_device(b, dev))
             total += float(loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum) / self._norm
         return self._world_loss(total)
 

@@ -72,8 +72,8 @@ def _measure_swap_during_steps(trainer, root: Path, rank: int, sink: list[dict])
     """Wrap train_step: after every step, measure this rank's files in the swap dir."""
     step = trainer.backend.train_step
 
-    def measured(batches, lr):
-        res = step(batches, lr)
+    def measured(batches, lr, **kw):
+        res = step(batches, lr, **kw)
         sink.append(swap_dir_bytes(root, rank))
         return res
 

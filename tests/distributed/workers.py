@@ -67,10 +67,10 @@ def train_outcomes(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
             if at:
                 inner = trainer.backend.train_step
 
-                def step(batches, lr, inner=inner, at=at, trainer=trainer):
+                def step(batches, lr, inner=inner, at=at, trainer=trainer, **kw):
                     if trainer.step + 1 == at:
                         os.kill(os.getpid(), signal.SIGUSR1)
-                    return inner(batches, lr)
+                    return inner(batches, lr, **kw)
 
                 trainer.backend.train_step = step
             summary = trainer.train()
