@@ -138,13 +138,15 @@ def trial(kind: str, dp: int, rng: random.Random, ref: dict[int, float], root: P
     if kind == "diverge":
         args.append("--train.lr=1e9")
     if kind == "second_run":
-        first = cli(*args)
+        first = cli(*args, "--train.steps=100000")  # still training while the second one starts
         wait_for_step(m, 1, first)
         rc, err, dt = finish(cli(f"--parallel.dp={dp}", f"--checkpoint.dir={ck}",
                                  f"--logging.metrics_file={work / 'm2.jsonl'}"))
+        alive = first.poll() is None
+        os.kill(first.pid, signal.SIGTERM)  # the holder stops cleanly (exit 75 after its final save)
         rc1, _, _ = finish(first)
-        res.update(exit_s=dt, handled=rc == 2 and "in use by another run" in err and rc1 == 0 and "Traceback" not in err,
-                   exit_code=rc)
+        res.update(exit_s=dt, handled=rc == 2 and "in use by another run" in err and alive and rc1 == 75
+                   and "Traceback" not in err, exit_code=rc)
         return _close(res, work, mount)
     p = cli(*args)
     at = rng.randint(2, STEPS - 2)
