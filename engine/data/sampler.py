@@ -82,15 +82,15 @@ class PackedDataset(ItemDataset):
 class GlobalBatchSampler:
     """Hands each dp rank its micro-batches for a step; state = steps consumed."""
 
-    def __init__(self, dataset: ItemDataset, *, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int,
+    def __init__(self, dataset: ItemDataset | None, *, micro_batch_size: int, grad_accum: int, dp_rank: int, dp_size: int,
                  name: str = "the training set"):
         self.ds = dataset
         self.mb = micro_batch_size
         self.accum = grad_accum
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.step = 0
-        if len(dataset) < self.global_batch_size:
+        self.step = 0  # dataset None: only the data position (the Engine's, saved by checkpoints)
+        if dataset is not None and len(dataset) < self.global_batch_size:
             raise ConfigError(
                 f"data: {name} has {len(dataset)} rows (pairs for preference data), fewer than one batch of "
                 f"{self.global_batch_size} (micro_batch_size {micro_batch_size} x {grad_accum} micro-batches x dp "
