@@ -142,7 +142,12 @@ def _eos(tokenizer) -> list[int]:
 
 
 def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    """Batch encoding. A fast tokenizer's Rust backend directly: the same ids as `tokenizer(texts,
+    add_special_tokens=False)` without building a BatchEncoding (that wrapper cost ~40 % of preparation)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def _encode_text(data_cfg, tokenizer, records) -> list[Sample]:
