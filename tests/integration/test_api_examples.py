@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["custom_loss.py", "bring_your_own_model.py"])
+@pytest.mark.parametrize("script", ["custom_loss.py", "bring_your_own_model.py", "train_loop.py"])
 def test_example_runs_as_plain_python(script):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)

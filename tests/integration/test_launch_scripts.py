@@ -57,3 +57,39 @@ def test_launch_srun_runs_the_script_on_every_rank(slurm_env, tmp_path):
                      SCRIPT, "--out", str(tmp_path), *ARGS], 200, slurm_env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert {rep["source"] for rep in _reports(tmp_path, 2)} == {"slurm"}
+
+
+# ---- an API training loop under the launchers gives the CLI's losses ------------------------------------------
+LOOP = "examples/train_loop.py"
+LOOP_ARGS = ["--train.steps=3", "--data.seq_len=32"]
+
+
+def _losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def cli_losses(tmp_path_factory):
+    """`trellis train tiny-llama` on 2 ranks (dp2), the same overrides as the loop."""
+    m = tmp_path_factory.mktemp("cli") / "m.jsonl"
+    r = run_trellis(["train", "tiny-llama", "--parallel.dp=2", *LOOP_ARGS, "--logging.progress=none",
+                     f"--logging.metrics_file={m}"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return _losses(m)
+
+
+def test_api_loop_under_torchrun_gives_the_cli_losses(cli_losses, tmp_path):
+    out = tmp_path / "loop.jsonl"
+    r = run_trellis(["launch", "--launcher", "torchrun", "--nproc-per-node", "2", "--timeout", "250", LOOP,
+                     "--losses", str(out), *LOOP_ARGS], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _losses(out) == cli_losses  # bit-identical: one code path (the CLI's Trainer runs the same Engine)
+
+
+def test_api_loop_under_trellis_submit_gives_the_cli_losses(cli_losses, slurm_env, tmp_path):
+    out = tmp_path / "loop.jsonl"
+    r = run_trellis(["submit", "--nodes", "2", "--gpus-per-node", "0", "--time", "5", "--log-dir",
+                     str(tmp_path / "logs"), "--wait", "--wait-timeout", "250", LOOP, "--losses", str(out),
+                     *LOOP_ARGS], 300, slurm_env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _losses(out) == cli_losses
