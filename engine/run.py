@@ -52,7 +52,8 @@ def end_rank_process(code: int) -> None:
 
 # What gloo / NCCL / torch.distributed say when a peer is gone or stuck past parallel.timeout_s.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "Broken pipe",
-              "NCCL communicator was aborted", "Socket Timeout", "Connection refused")
+              "NCCL communicator was aborted", "Socket Timeout", "Connection refused",
+              "Application timeout caused pair closure")
 
 
 def lost_peer(e: BaseException) -> bool:
