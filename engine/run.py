@@ -25,11 +25,23 @@ def run_training(cfg, argv: list[str]) -> int:
     # Refuse what the backend cannot do on this machine before any rank starts (e.g. DeepSpeed fp16 on a CPU).
     check_supported(cfg)
     check_init_adapter(cfg)  # peft.init_adapter's files and adapter_config.json
+    check_data_sources(cfg)  # data.path / data.eval_path exist and hold readable formats
     if launcher_rank_env() is None:
         world = local_world_size(cfg)
         if world > 1:
             return spawn_local_ranks(world, argv, cfg.launcher.stop_timeout_s)
     end_rank_process(run_rank(cfg))
+
+
+def check_data_sources(cfg) -> None:
+    """A missing path, a glob that matches nothing, an unknown extension: one error before any rank starts (the
+    records themselves are read, and checked, once by the rank that prepares the corpus)."""
+    from .data.corpus import is_prepared
+    from .data.sources import source_files
+
+    for path in (cfg.data.path, cfg.data.eval_path):
+        if path and not is_prepared(path):
+            source_files(cfg.data, path)
 
 
 def end_rank_process(code: int) -> None:

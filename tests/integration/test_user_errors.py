@@ -29,3 +29,19 @@ def test_deepspeed_json_rejected_by_deepspeeds_schema_is_one_line_per_field(repo
         f"error: --deepspeed {ds}: zero_optimization.reduce_bucket_sizee: Extra inputs are not permitted (got 5); "
         "fix or remove it (DeepSpeed's config schema)"], r.stderr[-3000:]
     assert "Traceback" not in r.stderr and "ValidationError" not in r.stderr
+
+
+@pytest.mark.parametrize("name,expect", [("corpus.bin", "unsupported extension '.bin'"),
+                                         ("missing.jsonl", "no such file or directory")])
+def test_unreadable_data_path_is_refused_before_ranks_start(repo, tmp_path, name, expect):
+    """Before this check a parquet file was trained on as raw bytes (exit 0), and other bad paths failed on every
+    rank after start-up."""
+    if name == "corpus.bin":
+        (tmp_path / name).write_bytes(b"\x00\x01 not text")
+    r = subprocess.run([sys.executable, "-m", "trellis", "train", "tiny-llama", f"--data.path={tmp_path / name}",
+                        "--parallel.dp=2", "--logging.progress=none", f"--logging.metrics_file={tmp_path / 'm.jsonl'}"],
+                       cwd=repo, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], r.stderr[-3000:]
+    assert "rank" not in r.stderr  # the parent refused: no rank was started (a rank's refusal names its peers)
