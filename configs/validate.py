@@ -241,10 +241,7 @@ def _dpo_errors(cfg: TrainConfig) -> list[str]:
         e.append(f"train.objective='dpo' needs preference pairs: set data.type='preference' (got "
                  f"data.type={cfg.data.type!r})")
     m = cfg.peft.method
-    if m == "none":
-        e.append("train.objective='dpo' needs PEFT for now (the reference is the base with adapters disabled; a "
-                 "frozen full-model reference copy is not available yet): set peft.method, e.g. 'lora'")
-    elif m in PEFT_PROMPT_METHODS or (m == "ia3" and cfg.parallel.tp > 1):
+    if m in PEFT_PROMPT_METHODS or (m == "ia3" and cfg.parallel.tp > 1):
         e.append(f"train.objective='dpo' with peft.method={m!r}" + (" under parallel.tp > 1" if m == "ia3" else "")
                  + ": its adapters cannot be disabled for the reference pass; use 'lora', 'dora' or 'qlora'")
     return e

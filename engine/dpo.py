@@ -6,8 +6,9 @@ and the padding. A row's log-probability is the sum of its response tokens' log-
 
 One DPO step is two Engine calls over the same micro-batches:
 1. the reference pass, `engine.eval_loss(mbs, capture)` inside `engine.adapters_disabled()`: the same model
-   with its PEFT adapters switched off is the reference (no second model in memory); the capturing loss
-   keeps each row's log-prob where the loss runs (every tp rank, the last pipeline stage);
+   with its PEFT adapters switched off is the reference (no second model in memory); for full fine-tuning,
+   `reference.eval_loss(mbs, capture)` on a frozen second Engine partitioned exactly like the policy. The
+   capturing loss keeps each row's log-prob where the loss runs (every tp rank, the last pipeline stage);
 2. the policy step, `engine.train_step(mbs, dpo_loss)`, each micro-batch carrying its reference log-probs
    in `extra` (the PipelineFeed delivers extras to the last stage).
 
@@ -57,12 +58,29 @@ class DPOResult:
     reward_accuracy: float
 
 
-class DPO:
-    """`train_step(micro_batches)` / `eval_loss(micro_batches)` of sigmoid DPO for an Engine with PEFT on."""
+def frozen_reference(engine: Engine) -> Engine:
+    """Full fine-tuning's reference: a second Engine of the same config, hence the same seeded weights
+    (cfg.model) partitioned exactly like the policy (the same mesh, tp plan, stages, ZeRO sharding), its
+    parameters frozen. It is only ever run by eval_loss: its optimizer never steps, so it allocates no state;
+    it holds no checkpointer."""
+    cfg = dataclasses.replace(engine.cfg, checkpoint=dataclasses.replace(engine.cfg.checkpoint, dir=""),
+                              train=dataclasses.replace(engine.cfg.train, epochs=0))  # steps already resolved
+    ref = Engine(cfg, engine.ctx)
+    for p in ref.model.parameters():
+        p.requires_grad_(False)
+    return ref
 
-    def __init__(self, engine: Engine, beta: float | None = None):
+
+class DPO:
+    """`train_step(micro_batches)` / `eval_loss(micro_batches)` of sigmoid DPO for an Engine. The reference:
+    the same model with its adapters disabled when PEFT is on, else `reference` (default: frozen_reference)."""
+
+    def __init__(self, engine: Engine, beta: float | None = None, reference: Engine | None = None):
         self.engine = engine
         self.beta = engine.cfg.train.dpo_beta if beta is None else beta
+        if reference is None and engine.cfg.peft.method == "none":
+            reference = frozen_reference(engine)
+        self.reference = reference
         self._ref: dict[int, torch.Tensor] = {}
         self._stats: dict[int, torch.Tensor] = {}  # micro-batch index -> [margin sum, correct, pairs]
 
@@ -94,8 +112,12 @@ class DPO:
                 raise ValueError(f"DPO: a micro-batch of {b.input_ids.shape[0]} rows; preference micro-batches "
                                  "hold chosen rows then rejected rows (data.type='preference')")
         self._ref.clear()
-        with torch.no_grad(), self.engine.adapters_disabled():
-            self.engine.eval_loss(mbs, loss_fn=self._capture)
+        with torch.no_grad():
+            if self.reference is not None:
+                self.reference.eval_loss(mbs, loss_fn=self._capture)
+            else:
+                with self.engine.adapters_disabled():
+                    self.engine.eval_loss(mbs, loss_fn=self._capture)
         mbs = [dataclasses.replace(b, extra={**b.extra, _REF: self._ref.get(i)}) for i, b in enumerate(mbs)]
         counts = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in mbs),
                                sum(b.input_ids.shape[0] // 2 for b in mbs)], dtype=torch.float64)

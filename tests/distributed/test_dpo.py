@@ -2,12 +2,15 @@
 here from the DPO formula: HF + peft's get_peft_model with trellis' adapter seed, the reference log-probs under
 `model.disable_adapter()`, torch's AdamW, the same global batches of preference pairs.
 
-One 2-rank launch: dp2 and pp2 through the API, dp2 through the CLI's Trainer (metrics JSONL), and a plain
-LoRA SFT engine of the dp2 layout for the parameter-bytes comparison. One 4-rank launch: dp2·tp2 likewise.
+One 2-rank launch: dp2 and pp2 through the API, dp2 through the CLI's Trainer (metrics JSONL), a plain
+LoRA SFT engine of the dp2 layout for the parameter-bytes comparison, and full fine-tuning DPO under dp2
+ZeRO-3 with its frozen reference Engine (reference: a frozen deepcopy of the initial HF model). One 4-rank launch: dp2·tp2 likewise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 from pathlib import Path
@@ -71,6 +74,10 @@ def dpo_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
             res["margins"].append(r.reward_margin)
             res["accuracies"].append(r.reward_accuracy)
         res["param_bytes"] = engine.backend.memory_report()["params"]
+        if dpo.reference is not None:  # full fine-tuning: the frozen reference, sharded like the policy
+            rep = dpo.reference.backend.memory_report()
+            res["ref_param_bytes"], res["ref_optimizer_bytes"] = rep["params"], rep["optimizer_states"]
+            res["ref_trainable"] = sum(p.requires_grad for p in dpo.reference.model.parameters())
         out.append(res)
     return out
 
@@ -85,7 +92,15 @@ def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def reference_dpo(overrides: dict) -> dict:
     cfg = configs.load("tiny-llama", overrides)
     beta = cfg.train.dpo_beta
-    model, model_dir = reference_model(cfg, TARGETS)
+    if cfg.peft.method == "none":  # full fine-tuning: a frozen copy of the initial model is the reference
+        from trellis.engine.model import build_model
+
+        model, model_dir = build_model(cfg.model, seed=cfg.train.seed)
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        ref_model, disabled = frozen, contextlib.nullcontext
+    else:
+        model, model_dir = reference_model(cfg, TARGETS)
+        ref_model, disabled = model, model.disable_adapter
     sampler, params, opt = reference_loop(cfg, model, model_dir)
     out = {"losses": [], "margins": [], "accuracies": []}
     for _ in range(STEPS):
@@ -94,8 +109,8 @@ def reference_dpo(overrides: dict) -> dict:
         total, margins = 0.0, []
         for b in batches:
             n = b.input_ids.shape[0] // 2
-            with torch.no_grad(), model.disable_adapter():
-                ref = response_logps(model(input_ids=b.input_ids).logits, b.labels)
+            with torch.no_grad(), disabled():
+                ref = response_logps(ref_model(input_ids=b.input_ids).logits, b.labels)
             pol = response_logps(model(input_ids=b.input_ids).logits, b.labels)
             margin = beta * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))
             loss = -F.logsigmoid(margin).sum() / pairs
@@ -124,16 +139,17 @@ def check_against_reference(name: str, got: dict, ref: dict) -> float:
     return d
 
 
-def test_lora_dpo_dp2_pp2_and_cli_equal_the_reference(tmp_path):
+def test_dpo_lora_dp2_pp2_cli_and_full_zero3_equal_the_reference(tmp_path):
     write_pairs(tmp_path / "pairs.jsonl")
     dp2 = dpo_overrides(tmp_path, **{"parallel.dp": 2})
     pp2 = dpo_overrides(tmp_path, **{"parallel.pp": 2})
     cli = {**dp2, "logging.metrics_file": str(tmp_path / "m.jsonl")}
     sft = {**dp2, "train.objective": "causal_lm"}
+    full = dpo_overrides(tmp_path, **{"parallel.dp": 2, "zero.stage": 3, "peft.method": "none", "train.lr": 1e-3})
     results = run_ranks(2, dpo_scenarios, [{"overrides": dp2}, {"overrides": pp2}, {"overrides": cli, "cli": True},
-                                           {"overrides": sft, "sft": True}], timeout=300)
+                                           {"overrides": sft, "sft": True}, {"overrides": full}], timeout=300)
     r0 = results[0]
-    for i, (name, ov) in enumerate((("dp2", dp2), ("pp2", pp2))):  # pp2 = dp1: half dp2's global batch
+    for i, name, ov in ((0, "dp2", dp2), (1, "pp2", pp2), (4, "full dp2 zero3", full)):  # pp2: dp1's global batch
         check_against_reference(name, r0[i], reference_dpo(ov))
         assert results[1][i]["losses"] == r0[i]["losses"], name
     recs = r0[2]["records"]
@@ -142,6 +158,9 @@ def test_lora_dpo_dp2_pp2_and_cli_equal_the_reference(tmp_path):
     assert [r["reward_accuracy"] for r in recs] == r0[0]["accuracies"]
     for r in results:  # no second copy of the base: the LoRA-DPO rank holds what a LoRA SFT rank holds
         assert r[0]["param_bytes"] == r[3]["param_bytes"] > 0, (r[0]["param_bytes"], r[3]["param_bytes"])
+        f = r[4]  # full fine-tuning: the reference is the policy's ZeRO-3 shard again, frozen, with no optimizer state
+        assert f["ref_param_bytes"] == f["param_bytes"] > 0 and f["ref_optimizer_bytes"] == 0 and f["ref_trainable"] == 0
+        assert f["losses"] == r0[4]["losses"]
 
 
 def test_lora_dpo_dp2_tp2_equals_the_reference(tmp_path):
