@@ -4,7 +4,7 @@ here from the DPO formula: HF + peft's get_peft_model with trellis' adapter seed
 
 One 2-rank launch: dp2 and pp2 through the API, dp2 through the CLI's Trainer (metrics JSONL), a plain
 LoRA SFT engine of the dp2 layout for the parameter-bytes comparison, and full fine-tuning DPO under dp2
-ZeRO-3 with its frozen reference Engine (reference: a frozen deepcopy of the initial HF model). One 4-rank launch: dp2·tp2 likewise.
+ZeRO-3 with its frozen reference Engine (reference: a frozen deepcopy of the initial HF model). One 4-rank launch: dp2·tp2 ZeRO-3 likewise.
 """
 
 from __future__ import annotations
@@ -163,13 +163,13 @@ def test_dpo_lora_dp2_pp2_cli_and_full_zero3_equal_the_reference(tmp_path):
         assert f["losses"] == r0[4]["losses"]
 
 
-def test_lora_dpo_dp2_tp2_equals_the_reference(tmp_path):
+def test_lora_dpo_dp2_tp2_zero3_equals_the_reference(tmp_path):
     write_pairs(tmp_path / "pairs.jsonl")
-    ov = dpo_overrides(tmp_path, **{"parallel.dp": 2, "parallel.tp": 2})
+    ov = dpo_overrides(tmp_path, **{"parallel.dp": 2, "parallel.tp": 2, "zero.stage": 3})
     results = run_ranks(4, dpo_scenarios, [{"overrides": ov},
                                            {"overrides": {**ov, "train.objective": "causal_lm"}, "sft": True}],
                         timeout=300)
-    check_against_reference("dp2·tp2", results[0][0], reference_dpo(ov))
+    check_against_reference("dp2·tp2 zero3", results[0][0], reference_dpo(ov))
     for r in results:
         assert r[0]["losses"] == results[0][0]["losses"]
         assert r[0]["param_bytes"] == r[1]["param_bytes"] > 0
