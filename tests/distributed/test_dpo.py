@@ -68,11 +68,14 @@ def dpo_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
             continue
         dpo = DPO(engine)
         res = {"losses": [], "margins": [], "accuracies": []}
+        first = None
         for mbs in engine.batches():
+            first = first or mbs
             r = dpo.train_step(mbs)
             res["losses"].append(r.step.loss)
             res["margins"].append(r.reward_margin)
             res["accuracies"].append(r.reward_accuracy)
+        res["eval_first"] = dpo.eval_loss(first)  # the trained policy's DPO loss on step 1's batch
         res["param_bytes"] = engine.backend.memory_report()["params"]
         if dpo.reference is not None:  # full fine-tuning: the frozen reference, sharded like the policy
             rep = dpo.reference.backend.memory_report()
@@ -102,28 +105,36 @@ def reference_dpo(overrides: dict) -> dict:
         model, model_dir = reference_model(cfg, TARGETS)
         ref_model, disabled = model, model.disable_adapter
     sampler, params, opt = reference_loop(cfg, model, model_dir)
-    out = {"losses": [], "margins": [], "accuracies": []}
-    for _ in range(STEPS):
-        batches = sampler.next()
+    def dpo_loss(batches, train: bool):
         pairs = sum(b.input_ids.shape[0] // 2 for b in batches)
         total, margins = 0.0, []
         for b in batches:
             n = b.input_ids.shape[0] // 2
             with torch.no_grad(), disabled():
                 ref = response_logps(ref_model(input_ids=b.input_ids).logits, b.labels)
-            pol = response_logps(model(input_ids=b.input_ids).logits, b.labels)
-            margin = beta * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))
-            loss = -F.logsigmoid(margin).sum() / pairs
-            loss.backward()
+            with torch.set_grad_enabled(train):
+                pol = response_logps(model(input_ids=b.input_ids).logits, b.labels)
+                margin = beta * ((pol[:n] - ref[:n]) - (pol[n:] - ref[n:]))
+                loss = -F.logsigmoid(margin).sum() / pairs
+            if train:
+                loss.backward()
             total += loss.item()
             margins.append(margin.detach())
+        return total, torch.cat(margins)
+
+    out = {"losses": [], "margins": [], "accuracies": []}
+    first = None
+    for _ in range(STEPS):
+        batches = sampler.next()
+        first = first or batches
+        total, m = dpo_loss(batches, train=True)
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        m = torch.cat(margins)
         out["losses"].append(total)
         out["margins"].append(m.mean().item())
         out["accuracies"].append((m > 0).float().mean().item())
+    out["eval_first"] = dpo_loss(first, train=False)[0]
     return out
 
 
@@ -132,9 +143,11 @@ def check_against_reference(name: str, got: dict, ref: dict) -> float:
     assert got["margins"][0] == 0.0 and got["accuracies"][0] == 0.0, name
     d = max(abs(a - b) for a, b in zip(got["losses"], ref["losses"]))
     dm = max(abs(a - b) for a, b in zip(got["margins"], ref["margins"]))
-    print(f"{name}: max |Δloss| = {d:.2e}, max |Δmargin| = {dm:.2e} vs the 1-process DPO reference")
+    de = abs(got["eval_first"] - ref["eval_first"])
+    print(f"{name}: max |Δloss| = {d:.2e}, max |Δmargin| = {dm:.2e}, |Δeval| = {de:.2e} vs the 1-process DPO reference")
     assert len(got["losses"]) == STEPS and d <= TOL and dm <= TOL, (name, got, ref)
     assert got["accuracies"] == pytest.approx(ref["accuracies"], abs=1e-12), name
+    assert de <= TOL, (name, got["eval_first"], ref["eval_first"])
     assert ref["losses"][-1] < ref["losses"][0] - 1e-4, ref  # the steps move the policy: a real comparison
     return d
 
