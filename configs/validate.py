@@ -133,8 +133,7 @@ def _train(cfg: TrainConfig) -> list[str]:
         e.append(f"train.grad_accum={t.grad_accum}: pipeline parallel needs at least parallel.pp="
                  f"{p.pp} micro-batches per step; set train.grad_accum >= {p.pp}")
     if t.objective == "dpo":
-        e.append("train.objective='dpo' is not available yet; use train.objective='causal_lm', or a DPO loss of "
-                 "your own through the Python API (trellis.initialize + engine.train_step(loss_fn=...))")
+        e.extend(_dpo_errors(cfg))
     if t.dpo_beta <= 0:
         e.append(f"train.dpo_beta={t.dpo_beta}: must be > 0")
     if t.optimizer == "adamw8bit" and cfg.zero.backend == "deepspeed":
@@ -232,6 +231,19 @@ def _zero(cfg: TrainConfig) -> list[str]:
                  f"parallel.pp={p.pp}); use zero.backend='native' for tensor/pipeline parallel")
     if z.deepspeed_config and z.backend != "deepspeed":
         e.append("zero.deepspeed_config is set but zero.backend is 'native'; set zero.backend='deepspeed'")
+    return e
+
+
+def _dpo_errors(cfg: TrainConfig) -> list[str]:
+    """train.objective='dpo' (engine/dpo.py): preference pairs, and a reference the engine can build."""
+    e = []
+    if cfg.data.type != "preference":
+        e.append(f"train.objective='dpo' needs preference pairs: set data.type='preference' (got "
+                 f"data.type={cfg.data.type!r})")
+    m = cfg.peft.method
+    if m in PEFT_PROMPT_METHODS or (m == "ia3" and cfg.parallel.tp > 1):
+        e.append(f"train.objective='dpo' with peft.method={m!r}" + (" under parallel.tp > 1" if m == "ia3" else "")
+                 + ": its adapters cannot be disabled for the reference pass; use 'lora', 'dora' or 'qlora'")
     return e
 
 

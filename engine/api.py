@@ -10,6 +10,7 @@ and export entry points; the loss is the backend's default causal-LM cross-entro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -124,6 +125,29 @@ class Engine:
     def model(self) -> torch.nn.Module:
         """This rank's partitioned model (its TP shards / pipeline stage / FSDP wrap)."""
         return self.backend.module
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the model as its frozen base: every injected PEFT layer of this rank's part (peft's
+        BaseTunerLayer) passes its input through the base layer only. The flag is set directly rather than by
+        peft's enable_adapters(), which also flips requires_grad on the (already partitioned) adapter
+        parameters. The DPO reference with PEFT on (engine/dpo.py): no second model in memory."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self.cfg.peft.method == "none":
+            raise ConfigError("engine.adapters_disabled(): this engine has no adapters (peft.method='none')")
+        layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        if not layers:
+            raise ConfigError(f"engine.adapters_disabled(): peft.method={self.cfg.peft.method!r} injects no "
+                              "adapter layers to disable (prompt learning); use an adapter method such as 'lora'")
+        before = [m._disable_adapters for m in layers]
+        for m in layers:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m, b in zip(layers, before):
+                m._disable_adapters = b
 
     # ---- data -------------------------------------------------------------------------------------
     def datasets(self) -> tuple[PackedDataset, PackedDataset | None]:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from trellis.errors import TrainingDiverged
 
 from .api import Engine
+from .dpo import DPO
 from .distributed import DistContext
 from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
 
@@ -65,6 +66,7 @@ class Trainer:
         self.tokenizer, self.hf_config, self.model_dir = e.tokenizer, e.hf_config, e.model_dir
         self.model_type, self.num_params = e.model_type, e.num_params
         self.input_tokens_seen = 0  # non-padding input positions, all dp ranks
+        self.dpo = DPO(e) if cfg.train.objective == "dpo" else None
         self._setup_data()
 
     @property
@@ -106,7 +108,8 @@ class Trainer:
         try:
             for batches in self.engine.batches(self.train_data):
                 self.input_tokens_seen += self.engine.input_tokens(self.step)
-                res = self.engine.train_step(batches)
+                dpo = self.dpo.train_step(batches) if self.dpo is not None else None
+                res = dpo.step if dpo is not None else self.engine.train_step(batches)
                 lr = res.lr
                 dt = timer.lap()
                 step_times.append(dt)
@@ -117,6 +120,8 @@ class Trainer:
                        "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
                        "step_time_s": dt, "tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen,
                        "skipped": res.skipped}
+                if dpo is not None:
+                    rec.update(reward_margin=dpo.reward_margin, reward_accuracy=dpo.reward_accuracy)
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.eval_data is not None:
                     rec["eval_loss"] = self.evaluate()
                 # loss and grad norm are reduced over the world: every rank takes the same branch
@@ -183,7 +188,8 @@ class Trainer:
         return summary
 
     def evaluate(self) -> float:
-        return self.engine.eval_loss(self.engine.eval_batches())
+        batches = self.engine.eval_batches()
+        return self.dpo.eval_loss(batches) if self.dpo is not None else self.engine.eval_loss(batches)
 
     def _data_line(self) -> str:
         st = self.train_data.stats

@@ -228,10 +228,13 @@ class Pipeline:
         return total
 
     def first_run(self, train: bool) -> bool:
-        """True before the schedule's first step: torch then runs a metadata-inference forward, and on the last
-        stage one extra loss call on (detached copies of) micro-batch 0, before the real micro-batches."""
-        s = self._schedule if train else self._eval_schedule
-        return not getattr(s, "_stage_forward_initialized", getattr(s, "_stages_forward_initialized", True))
+        """True before the training schedule's first step: torch then runs its backward metadata inference,
+        which on the last stage makes one extra loss call on (detached copies of) micro-batch 0 before the real
+        micro-batches. An eval step (no backward) makes no such call, even as the schedule's first step."""
+        if not train:
+            return False
+        s = self._schedule
+        return not getattr(s, "_stage_backward_initialized", getattr(s, "_stages_backward_initialized", True))
 
     def train_step(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
         return self._run(self._schedule, input_ids, labels, layout)

@@ -27,8 +27,8 @@ def test_load_config_from_preset_dict_and_trainconfig_with_cli_errors():
     assert trellis.load_config({"train": {"steps": 7}}).train.steps == 7
     with pytest.raises(ConfigError, match="train.lrr: unknown key; did you mean 'train.lr'"):
         trellis.load_config({"train": {"lrr": 1.0}})
-    with pytest.raises(ConfigError, match="train.objective='dpo' is not available yet"):
-        trellis.load_config("tiny-llama", ["--train.objective=dpo"])
+    with pytest.raises(ConfigError, match="train.objective='dpo' needs preference pairs: set data.type"):
+        trellis.load_config("tiny-llama", ["--train.objective=dpo", "--peft.method=lora"])
 
 
 def test_meta_model_is_materialised_with_build_models_init():

@@ -28,6 +28,8 @@ BAD_OVERRIDES = [
     ("--zero.offload_param=cpu", "zero.offload_param"),
     ("--zero.offload_optimizer=nvme", "zero.offload_"),
     ("--precision.loss_scale=banana", "precision.loss_scale"),
+    ("--train.objective=dpo --peft.method=lora", "data.type"),
+    ("--train.objective=dpo --data.type=preference --peft.method=prompt", "peft.method"),
     ("--activation_checkpointing.mode=partial", "activation_checkpointing.mode"),
     ("--checkpoint.interval=10", "checkpoint.interval"),
     ("--data.seq_len=1", "data.seq_len"),
