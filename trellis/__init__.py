@@ -13,6 +13,7 @@ _API = {
     "Engine": "trellis.engine.api",
     "StepResult": "trellis.engine.api",
     "Batch": "trellis.engine.api",
+    "DPO": "trellis.engine.dpo",
     "TrainConfig": "trellis.configs",
     "ConfigError": "trellis.errors",
     "UserError": "trellis.errors",

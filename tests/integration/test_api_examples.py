@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["custom_loss.py", "bring_your_own_model.py", "train_loop.py"])
+@pytest.mark.parametrize("script", ["custom_loss.py", "bring_your_own_model.py", "train_loop.py", "dpo.py"])
 def test_example_runs_as_plain_python(script):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
@@ -22,3 +22,5 @@ def test_example_runs_as_plain_python(script):
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses), out.stdout
+    if script == "dpo.py":  # LoRA's B = 0: policy == reference at step 1
+        assert abs(losses[0] - math.log(2)) < 1e-6 and losses[2] < losses[0], out.stdout
