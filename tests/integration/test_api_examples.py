@@ -13,11 +13,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("script", ["custom_loss.py", "bring_your_own_model.py", "train_loop.py", "dpo.py"])
-def test_example_runs_as_plain_python(script):
+@pytest.mark.parametrize("script,args", [("custom_loss.py", []), ("bring_your_own_model.py", []),
+                                         ("train_loop.py", []), ("dpo.py", []), ("dpo.py", ["--peft.method=qlora"])],
+                         ids=["custom_loss", "bring_your_own_model", "train_loop", "dpo", "dpo-qlora"])
+def test_example_runs_as_plain_python(script, args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    out = subprocess.run([sys.executable, str(REPO / "examples" / script)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], capture_output=True, text=True,
                          timeout=300, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(line.split()[3]) for line in out.stdout.splitlines() if line.startswith("step ")]
