@@ -26,6 +26,8 @@ from trellis.errors import CheckpointError
 pytestmark = pytest.mark.integration
 
 TRAIN = [sys.executable, "-m", "trellis", "train", "configs/tiny-llama.toml", "--logging.progress=none"]
+# Resumes run on 1 process with the checkpoint's global batch (16 = 4 x 2 x dp2 = 4 x 4 x dp1): a changed global batch
+# is refused (checkpoint.resume_allow_change).
 
 
 class Payload:
@@ -69,7 +71,7 @@ def test_clean_checkpoint_resumes_and_converts(repo, checkpoint, tmp_path, capsy
     from safetensors.torch import load_file
 
     assert "model.embed_tokens.weight" in load_file(str(tmp_path / "fp32" / "model.safetensors"))
-    r = subprocess.run([*TRAIN, "--train.steps=3", "--parallel.dp=1", f"--checkpoint.dir={tmp_path / 'ck'}",
+    r = subprocess.run([*TRAIN, "--train.steps=3", "--parallel.dp=1", "--train.grad_accum=4", f"--checkpoint.dir={tmp_path / 'ck'}",
                         f"--resume={checkpoint}", f"--logging.metrics_file={tmp_path / 'm.jsonl'}"], cwd=repo,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -91,7 +93,7 @@ def test_malicious_metadata_is_refused_by_resume_and_convert(repo, checkpoint, t
     assert "refusing to load it" in err and "never contains" in err, err
     assert not marker.exists()
 
-    r = subprocess.run([*TRAIN, "--train.steps=3", "--parallel.dp=1", f"--checkpoint.dir={tmp_path / 'ck'}",
+    r = subprocess.run([*TRAIN, "--train.steps=3", "--parallel.dp=1", "--train.grad_accum=4", f"--checkpoint.dir={tmp_path / 'ck'}",
                         f"--resume={bad}", f"--logging.metrics_file={tmp_path / 'm.jsonl'}"], cwd=repo,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == exit_codes.USER_ERROR, r.stderr[-3000:]
