@@ -263,11 +263,12 @@ class DeepSpeedBackend(Backend):
 
     def _loss_sum(self, b: Batch, loss_fn: LossFn | None) -> torch.Tensor:
         dev = self.engine.device
+        b = on_device(b, dev)  # once: the forward's inputs and the loss's labels / extras
         kwargs = model_inputs(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
                               attention_mask=b.attention_mask, dtype=compute_dtype(self.cfg.precision.dtype),
                               device=dev, prompt=self._prompt)
         logits = self.engine(**kwargs).logits
-        return micro_loss_sum(loss_fn, logits, on_device(b, dev))
+        return micro_loss_sum(loss_fn, logits, b)
 
     # ---- the step ------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None) -> StepResult:

@@ -125,10 +125,11 @@ class NativeBackend(Backend):
         for i, b in enumerate(micro_batches):
             if self.pm.fsdp:
                 self.module.set_requires_gradient_sync(i == n - 1)
+            b = on_device(b, dev)  # once: the forward's inputs and the loss's labels / extras
             with loss_parallel_context(lp):
                 with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                     logits = self.module(**self._model_inputs(b)).logits
-                loss = micro_loss_sum(loss_fn, logits, on_device(b, dev)) / self._norm
+                loss = micro_loss_sum(loss_fn, logits, b) / self._norm
                 (loss * self._scale).backward()
             total += float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach())
         return total
@@ -214,10 +215,11 @@ class NativeBackend(Backend):
             return self._world_loss(total)
         total = 0.0
         for b in micro_batches:
+            b = on_device(b, dev)
             with loss_parallel_context(lp), \
                     autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                 logits = self.module(**self._model_inputs(b)).logits
-                loss_sum = micro_loss_sum(loss_fn, logits, on_device(b, dev))
+                loss_sum = micro_loss_sum(loss_fn, logits, b)
             total += float(loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum) / self._norm
         return self._world_loss(total)
 
