@@ -160,8 +160,7 @@ class Engine:
             hold_out = t.eval_batches * t.micro_batch_size * self.dp_size
             self._datasets = build_dataset(self.cfg.data, self.tokenizer, t.seed, hold_out, rank=self.rank,
                                            log=lambda m: print(m, file=sys.stderr))
-            gbs = t.micro_batch_size * t.grad_accum * self.dp_size
-            self.steps_per_epoch = len(self._datasets[0]) // gbs
+            self.steps_per_epoch = len(self._datasets[0]) // global_batch(self.cfg, self.dp_size)
             if t.epochs:  # resolved into the config: the LR schedule, PEFT and the exit code read train.steps
                 t.steps = t.epochs * self.steps_per_epoch
         return self._datasets
@@ -269,11 +268,16 @@ class Engine:
         return out
 
 
+def global_batch(cfg, dp: int) -> int:
+    """Rows per optimizer step over all dp ranks: micro batch x grad_accum x dp."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * dp
+
+
 def check_global_batch(cfg, dims: ParallelDims) -> None:
     """train.global_batch_size (0 = derived) against micro batch x grad_accum x dp once dp is resolved (a
     parallel.dp of -1 is known only with the world size)."""
     t = cfg.train
-    derived = t.micro_batch_size * t.grad_accum * dims.dp
+    derived = global_batch(cfg, dims.dp)
     if t.global_batch_size and t.global_batch_size != derived:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} != train.micro_batch_size ({t.micro_batch_size}) x "
