@@ -27,7 +27,7 @@ from trellis.parallel.dims import ParallelDims
 from .backends import StepResult, build_backend, check_supported
 from .checkpoint import io
 from .checkpoint.checkpointer import Checkpointer
-from .data import Batch, GlobalBatchSampler, PackedDataset, build_dataset
+from .data import Batch, GlobalBatchSampler, PackedDataset, StepBatches, build_dataset
 from .distributed import DistContext, broadcast_object, init_distributed
 from .loss import LossFn
 from .model import build_model, check_vocab
@@ -101,6 +101,9 @@ class Engine:
         torch.manual_seed(cfg.train.seed + 1000 + ctx.rank)
         self.step = 0
         self.tokens_seen = 0
+        # A stop signal this rank received (set it from a signal handler): the next train_step agrees it over
+        # the world in its scalar all-reduce and returns it as StepResult.stop_signal (engine/trainer.py).
+        self.stop_requested = 0
         # The data position (steps taken) the checkpoints save; the data itself comes with batches().
         self.sampler = GlobalBatchSampler(None, micro_batch_size=cfg.train.micro_batch_size,
                                           grad_accum=cfg.train.grad_accum, dp_rank=self.dp_rank, dp_size=self.dp_size)
@@ -196,7 +199,7 @@ class Engine:
         The LR is the config's schedule at `self.step`; the step counter advances."""
         batches = as_batches(micro_batches, "train_step", self.cfg.train.grad_accum)
         lr = lr_at(self.step, self.cfg.train)
-        res = self.backend.train_step(batches, lr, loss_fn=loss_fn)
+        res = self.backend.train_step(batches, lr, loss_fn=loss_fn, stop_signal=self.stop_requested)
         self.step += 1
         self.sampler.step = self.step
         self.tokens_seen += res.tokens
@@ -319,7 +322,9 @@ def as_batches(micro_batches, where: str, expected: int | None = None) -> list[B
                         "pass exactly train.grad_accum micro-batches of this dp rank per step")
     if not micro_batches:
         raise UserError(f"engine.{where}(): no micro-batches")
-    return [as_batch(mb, f"engine.{where}(): micro-batch {i}") for i, mb in enumerate(micro_batches)]
+    out = StepBatches(as_batch(mb, f"engine.{where}(): micro-batch {i}") for i, mb in enumerate(micro_batches))
+    out.global_tokens = getattr(micro_batches, "global_tokens", None)  # the sampler's count, confirmed in the step
+    return out
 
 
 def as_batch(mb, where: str) -> Batch:

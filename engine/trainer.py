@@ -19,17 +19,20 @@ import torch.distributed as dist
 from trellis.errors import TrainingDiverged
 
 from .api import Engine
+from .backends.base import STOP_SIGNALS
 from .dpo import DPO
 from .distributed import DistContext
 from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
 
 class StopRequested:
-    """Set by SIGTERM/SIGUSR1/SIGINT/SIGHUP; acted on at the next step boundary, agreed by all ranks."""
+    """Set by SIGTERM/SIGUSR1/SIGINT/SIGHUP and handed to the engine (engine.stop_requested); the step's one
+    scalar all-reduce agrees it over all ranks (StepResult.stop_signal), and the loop stops after that step:
+    the step running when the signal came, or the next one if it came after that step's reduction."""
 
-    def __init__(self):
+    def __init__(self, engine):
+        self.engine = engine
         self.signum: int | None = None
         self._t_first = 0.0
         self._prev = {}
@@ -44,12 +47,7 @@ class StopRequested:
             raise KeyboardInterrupt
         if self.signum is None:
             self.signum, self._t_first = signum, time.monotonic()
-
-    def agreed(self) -> int:
-        """The signal any rank received (all-reduced MAX), 0 if none."""
-        t = torch.tensor([self.signum or 0], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+            self.engine.stop_requested = signum
 
     def restore(self) -> None:
         for s, h in self._prev.items():
@@ -85,7 +83,7 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         main = self.ctx.is_main
-        stop = StopRequested()
+        stop = StopRequested(self.engine)
         stop.install()
         resumed_from = None
         if self.checkpointer is not None:
@@ -140,7 +138,7 @@ class Trainer:
                         "saving. Resume from the last checkpoint with a lower train.lr, or check the data")
                 if self.checkpointer is not None and not bad:  # never a checkpoint of a non-finite step
                     self.checkpointer.after_step(self.step, self.tokens_seen)
-                stopped_by = stop.agreed()
+                stopped_by = res.stop_signal
                 if stopped_by:
                     break
         finally:

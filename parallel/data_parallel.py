@@ -33,29 +33,83 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 class ReplicatedGradSync:
-    """ZeRO-0/1 gradient all-reduce over dp: one flattened fp32 bucket per dtype."""
+    """ZeRO-0/1 gradient all-reduce over dp, overlapped with the backward (what torch DDP's reducer does).
 
-    def __init__(self, params: list[torch.nn.Parameter], dp_group, dp_size: int):
+    The trainable parameters are cut into buckets of about `bucket_mb` MB in reverse order (the order the
+    backward produces their gradients). When the backward of the step's last micro-batch runs (`arm()`), each
+    parameter's post-accumulate-grad hook marks it ready; a bucket whose parameters are all ready is flattened
+    (one fp32 buffer per dtype) and all-reduced asynchronously while the backward goes on. Buckets are
+    launched strictly in index order, so every rank issues the same collectives in the same order whatever
+    order its hooks fire in. `sync()` after the backward launches what is left (parameters without a gradient
+    this step are left out, as on every rank), waits, and copies the sums back. Without `arm()` (gradient
+    accumulation's earlier micro-batches, pipeline stages) `sync()` reduces everything after the backward."""
+
+    def __init__(self, params: list[torch.nn.Parameter], dp_group, dp_size: int, bucket_mb: float = 25.0):
         self.params = params
         self.group = dp_group
         self.dp_size = dp_size
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        cap, size = bucket_mb * 2 ** 20, 0.0
+        for p in reversed(params):
+            if not self.buckets or size >= cap:
+                self.buckets.append([])
+                size = 0.0
+            self.buckets[-1].append(p)
+            size += local(p).numel() * 4
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._armed = False
+        self._ready: list[int] = [0] * len(self.buckets)
+        self._next = 0  # the next bucket to launch
+        self._pending: list[tuple] = []
+        self._hooks = []
+        if dp_size > 1:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def arm(self) -> None:
+        """The coming backward is the step's last: reduce buckets as their gradients complete."""
+        self._armed = self.dp_size > 1
+        self._ready = [0] * len(self.buckets)
+        self._next = 0
+        self._pending = []
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        i = self._bucket_of[id(p)]
+        self._ready[i] += 1
+        while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next]):
+            self._launch(self._next)
+            self._next += 1
+
+    @torch.no_grad()
+    def _launch(self, i: int) -> None:
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self.buckets[i]:
+            if p.grad is not None:
+                g = local(p.grad)
+                by_dtype.setdefault(g.dtype, []).append(g)
+        for gs in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in gs])
+            self._pending.append((dist.all_reduce(flat, group=self.group, async_op=True), flat, gs))
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.dp_size == 1:
             return
-        grads = [local(p.grad) for p in self.params if p.grad is not None]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for gs in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in gs])
-            dist.all_reduce(flat, group=self.group)
+        if not self._armed:
+            self.arm()
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+            self._next += 1
+        for work, flat, gs in self._pending:
+            work.wait()
             offset = 0
             for g in gs:
                 n = g.numel()
                 g.copy_(flat[offset: offset + n].view_as(g))
                 offset += n
+        self._pending = []
+        self._armed = False
 
 
 class ZeroOneOptimizer:

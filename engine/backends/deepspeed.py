@@ -32,7 +32,7 @@ from ..distributed import broadcast_object
 from ..loss import LossFn, micro_loss_sum, on_device
 from ..optim import param_groups
 from . import ds_ops
-from .base import Backend, StepResult
+from .base import Backend, StepResult, reduce_step_scalars
 
 CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per trellis step-N/state directory
 UNIVERSAL_TAG = "ds_universal"
@@ -271,7 +271,8 @@ class DeepSpeedBackend(Backend):
         return micro_loss_sum(loss_fn, logits, b)
 
     # ---- the step ------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None,
+                   stop_signal: int = 0) -> StepResult:
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
             raise RuntimeError(f"{len(micro_batches)} micro-batches for DeepSpeed's gradient_accumulation_steps="
                                f"{self.engine.gradient_accumulation_steps()}")
@@ -289,7 +290,9 @@ class DeepSpeedBackend(Backend):
         skipped = self.engine.skipped_steps > skipped_before
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None and not skipped else math.nan
-        return StepResult(loss=self._world_sum(total), grad_norm=gn, skipped=skipped,
+        red = reduce_step_scalars(total, 0, 0.0, stop_signal, torch.device("cpu"))
+        return StepResult(loss=red.loss, grad_norm=gn, skipped=skipped, nonfinite=red.nonfinite or not math.isfinite(gn),
+                          stop_signal=red.stop_signal,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(norm))
 
     @torch.no_grad()

@@ -13,17 +13,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from trellis.parallel.attention import model_inputs, stage_layout
 from trellis.parallel.data_parallel import ReplicatedGradSync, ZeroOneOptimizer, local
-from trellis.parallel.grad_norm import clip_grads_, total_grad_norm
+from trellis.parallel.grad_norm import clip_grads_, owned_grad_sq, total_grad_norm
 from trellis.parallel.loss import IGNORE_INDEX, causal_lm_loss_sum, loss_parallel_context
 from trellis.parallel.parallelize import ParallelModel, parallelize
 
 from ..checkpoint.safe_load import dcp_load
-from ..amp import DynamicLossScaler, autocast_context, compute_dtype, found_inf_anywhere
-from ..data import Batch, global_token_count
+from ..amp import DynamicLossScaler, autocast_context, compute_dtype
+from ..data import Batch, global_token_count, local_token_count
 from ..loss import LossFn, PipelineFeed, micro_loss_sum, on_device, takes_sharded_logits
 from ..optim import build_optimizer, set_lr
 from ..peft.adalora import build as build_adalora
-from .base import Backend, StepResult
+from .base import Backend, StepResult, reduce_step_scalars
 
 
 class NativeBackend(Backend):
@@ -62,6 +62,7 @@ class NativeBackend(Backend):
         self.adalora = build_adalora(cfg, self.pm.spec, self.module, dims.tp, dims.pp)  # None unless adalora
         coord = dims.coordinate()
         self._counts_loss = coord["tp"] == 0 and (self.pm.pipeline is None or self.pm.pipeline.is_last)
+        self._replica_coord = {a: i for a, i in coord.items() if a != "pp"}  # grad-norm ownership
 
     # ---- helpers -------------------------------------------------------------------------------
     def _trainable_elsewhere(self) -> bool:
@@ -102,13 +103,8 @@ class NativeBackend(Backend):
         """Run the loss inside torch's loss_parallel: tp logits read sharded (engine/loss.py)."""
         return self.pm.loss_parallel and takes_sharded_logits(loss_fn)
 
-    def _world_loss(self, local_loss: float) -> float:
-        """Mean loss over the global batch: each (dp, last-stage, tp-rank-0) rank contributes its part."""
-        t = torch.tensor([local_loss if self._counts_loss else 0.0], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
-
-    def _forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn | None) -> float:
+    def _forward_backward(self, micro_batches: list[Batch], loss_fn: LossFn | None):
+        """This rank's part of the step's mean loss (a device tensor, or a float from the pipeline)."""
         dev = self.ctx.device
         lp = self._loss_parallel(loss_fn)
         if self.pm.pipeline is not None:
@@ -120,22 +116,29 @@ class NativeBackend(Backend):
                     loss_parallel_context(lp):
                 out = self.pm.pipeline.train_step(ids, labels, self._stage_layout(micro_batches))
             return float(out) / self._scale if out is not None else 0.0
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         n = len(micro_batches)
         for i, b in enumerate(micro_batches):
+            last = i == n - 1
             if self.pm.fsdp:
-                self.module.set_requires_gradient_sync(i == n - 1)
+                self.module.set_requires_gradient_sync(last)
+            elif last and self.grad_sync is not None:
+                self.grad_sync.arm()  # the dp all-reduce of each bucket starts as its gradients complete
             b = on_device(b, dev)  # once: the forward's inputs and the loss's labels / extras
             with loss_parallel_context(lp):
                 with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                     logits = self.module(**self._model_inputs(b)).logits
                 loss = micro_loss_sum(loss_fn, logits, b) / self._norm
                 (loss * self._scale).backward()
-            total += float(loss.detach().full_tensor() if hasattr(loss, "full_tensor") else loss.detach())
+            loss = loss.detach()
+            total += (loss.full_tensor() if hasattr(loss, "full_tensor") else loss).double()  # no host sync
         return total
 
     # ---- the step ------------------------------------------------------------------------------
-    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None,
+                   stop_signal: int = 0) -> StepResult:
+        # The normaliser: the sampler's global count (no collective) or, for a user's batches, one all-reduce.
+        # The step's scalar reduction below confirms it; a loop that changed labels gets its gradients rescaled.
         self._norm = float(self._global_tokens(micro_batches))
         self._scale = self.scaler.scale if self.scaler is not None else 1.0
         local_loss = self._forward_backward(micro_batches, loss_fn)
@@ -145,44 +148,56 @@ class NativeBackend(Backend):
             self.grad_sync.sync()
         if self.pm.pipeline is not None:
             self.pm.pipeline.sync_replicated_grads()
-        loss = self._world_loss(local_loss)
+        # One all-reduce for the loss, the token count, the squared grad norm, the non-finite flag and the stop
+        # signal (each (dp, last-stage, tp-rank-0) rank contributes its loss part and its counted tokens).
+        sq = owned_grad_sq(self.params, self._replica_coord, exclude=self._duplicates())
+        counts = self._counts_loss
+        red = reduce_step_scalars(local_loss if counts else 0.0, local_token_count(micro_batches) if counts else 0,
+                                  sq if sq is not None else 0.0, stop_signal, self.ctx.device)
+        # The normaliser used in the backward vs the confirmed count (they differ only if labels were changed
+        # after the sampler counted them): rescale gradients and loss to the exact mean.
+        fix = self._norm / red.tokens if red.tokens and red.tokens != self._norm else 1.0
+        loss = red.loss * fix
+        result = dict(loss=loss, tokens=red.tokens, stop_signal=red.stop_signal)
 
-        skipped = False
         if self.scaler is not None:
-            grads = [local(p.grad) for p in self.params if p.grad is not None]
-            found_inf = found_inf_anywhere(grads, self.ctx.device)  # agreed over the whole world
+            found_inf = red.nonfinite  # agreed over the whole world
             self.scaler.update(found_inf)  # raises LossScaleUnderflow at the minimum scale
             if found_inf:
-                self._note_grad_bytes()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.adalora is not None:
-                    self.adalora.step += 1  # the schedule follows the trainer's step count
-                return StepResult(loss=loss, grad_norm=math.nan, skipped=True, loss_scale=self.scaler.scale,
-                                  tokens=int(self._norm))
-            inv = 1.0 / self._scale
+                return self._skip(result, nonfinite=True)
+        elif red.nonfinite:
+            # inf/nan in bf16/fp32: every rank saw the same flag: skip; no weight or optimizer state changes
+            return self._skip(result, nonfinite=True)
+        inv = fix / self._scale
+        if inv != 1.0:
             with torch.no_grad():
                 for p in self.params:
                     if p.grad is not None:
                         p.grad.mul_(inv)
-        norm = total_grad_norm(self.params, self.pp_group, exclude=self._duplicates())
-        if not math.isfinite(float(norm)):
-            # inf/nan in bf16/fp32 (fp16's are the scaler's, above): the norm is reduced over every mesh axis and
-            # pp, so every rank sees it and skips this step; no weight or optimizer state changes
-            self._note_grad_bytes()
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.adalora is not None:
-                self.adalora.step += 1
-            return StepResult(loss=loss, grad_norm=math.nan, skipped=True,
-                              loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
-        clip_grads_(self.params, self.cfg.train.grad_clip, norm)
+        if sq is not None:
+            norm = math.sqrt(max(red.grad_sq, 0.0)) * inv
+        else:  # a gradient layout owned_grad_sq cannot split: the norm's own reductions
+            norm = float(total_grad_norm(self.params, self.pp_group, exclude=self._duplicates()))
+            if not math.isfinite(norm):
+                return self._skip(result, nonfinite=True)
+        clip_grads_(self.params, self.cfg.train.grad_clip, torch.tensor(norm))
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         if self.adalora is not None:  # after the step, grads still present (peft's documented order)
             self.adalora.update_and_allocate()
         self._note_grad_bytes()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=float(norm), skipped=skipped,
-                          loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(self._norm))
+        return StepResult(grad_norm=norm, skipped=False,
+                          loss_scale=self.scaler.scale if self.scaler is not None else None, **result)
+
+    def _skip(self, result: dict, nonfinite: bool) -> StepResult:
+        """The step's gradients dropped on every rank: no weight or optimizer state changes."""
+        self._note_grad_bytes()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.adalora is not None:
+            self.adalora.step += 1  # the schedule follows the trainer's step count
+        return StepResult(grad_norm=math.nan, skipped=True, nonfinite=nonfinite,
+                          loss_scale=self.scaler.scale if self.scaler is not None else None, **result)
 
     def _duplicates(self) -> set[int]:
         pipe = self.pm.pipeline
@@ -190,7 +205,8 @@ class NativeBackend(Backend):
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch], loss_fn: LossFn | None = None) -> float:
-        self._norm = float(self._global_tokens(micro_batches))
+        """The loss sums and counted tokens of every rank in one all-reduce: their ratio is the global mean."""
+        self._norm = 1.0
         self._scale = 1.0
         dev = self.ctx.device
         lp = self._loss_parallel(loss_fn)
@@ -212,16 +228,19 @@ class NativeBackend(Backend):
                 with loss_parallel_context(lp):
                     out = self.pm.pipeline.eval_step(ids, labels, self._stage_layout(mbs[i:i + n]))
                 total += float(out) if out is not None else 0.0
-            return self._world_loss(total)
-        total = 0.0
-        for b in micro_batches:
-            b = on_device(b, dev)
-            with loss_parallel_context(lp), \
-                    autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
-                logits = self.module(**self._model_inputs(b)).logits
-                loss_sum = micro_loss_sum(loss_fn, logits, b)
-            total += float(loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum) / self._norm
-        return self._world_loss(total)
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            for b in micro_batches:
+                b = on_device(b, dev)
+                with loss_parallel_context(lp), \
+                        autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
+                    logits = self.module(**self._model_inputs(b)).logits
+                    loss_sum = micro_loss_sum(loss_fn, logits, b)
+                total += (loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum).double()
+        counts = self._counts_loss
+        red = reduce_step_scalars(total if counts else 0.0, local_token_count(micro_batches) if counts else 0, 0.0,
+                                  0, dev)
+        return red.loss / red.tokens if red.tokens else math.nan
 
     # ---- introspection -------------------------------------------------------------------------
     def _note_grad_bytes(self) -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from trellis.errors import ConfigError
 
-from .batch import IGNORE_INDEX, Batch, global_token_count
+from .batch import IGNORE_INDEX, Batch, global_token_count, local_token_count
 from .corpus import Corpus, load_corpus, prepare
 from .packing import CorpusDataset, PackingStats, pack, resolve_packing, split_units
-from .sampler import GlobalBatchSampler, ItemDataset, ItemSlice, PackedDataset
+from .sampler import GlobalBatchSampler, ItemDataset, ItemSlice, PackedDataset, StepBatches
 
 __all__ = ["IGNORE_INDEX", "Batch", "Corpus", "CorpusDataset", "GlobalBatchSampler", "ItemDataset", "PackedDataset",
-           "PackingStats", "build_dataset", "global_token_count", "load_corpus", "pack", "prepare"]
+           "PackingStats", "StepBatches", "build_dataset", "global_token_count", "load_corpus", "local_token_count",
+           "pack", "prepare"]
 
 
 def build_dataset(data_cfg, tokenizer, seed: int, hold_out: int = 0, *, rank: int = 0, num_proc: int = 0,

@@ -32,8 +32,18 @@ class Batch:
     extra: dict = field(default_factory=dict)
 
 
+def local_token_count(micro_batches: list[Batch]) -> int:
+    """Counted (non-ignored) target tokens of these micro-batches (host-side: no device sync)."""
+    return sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)
+
+
 def global_token_count(micro_batches: list[Batch], group=None) -> int:
-    """Counted (non-ignored) target tokens of one step over `group`: the loss normaliser."""
+    """Counted (non-ignored) target tokens of one step over `group`: the loss normaliser. The sampler's
+    batches carry it (StepBatches.global_tokens: no collective); other batches (a user's loop) cost one
+    all-reduce before the first forward."""
+    known = getattr(micro_batches, "global_tokens", None)
+    if known is not None:
+        return int(known)
     n = torch.tensor([sum(int((b.labels != IGNORE_INDEX).sum()) for b in micro_batches)], dtype=torch.float64)
     dist.all_reduce(n, group=group)
     return int(n.item())

@@ -107,14 +107,18 @@ class CorpusDataset(ItemDataset):
 
     # ---- document / pad: a cached index of (document, length) segments per row --------------------------------
     def _load_or_build(self, units: np.ndarray | None, split: str) -> None:
-        d = self.corpus.dir / "packing" / f"{self.packing}-L{self.seq_len}-{self.truncation}-{split}"
+        # (v2: the index holds each segment's counted targets, seg_tgt)
+        d = self.corpus.dir / "packing" / f"{self.packing}-L{self.seq_len}-{self.truncation}-{split}-v2"
         if (d / "stats.json").is_file():
             arrays = tuple(np.load(d / f"{k}.npy", mmap_mode="r", allow_pickle=False) for k in _INDEX_ARRAYS)
             stats = json.loads((d / "stats.json").read_text())
         else:
             arrays, stats = self._build(units)
             _save_index(d, arrays, stats)  # a read-only corpus directory keeps the index in memory only
-        self.seg_doc, self.seg_len, self.row_ptr, self.row_len = arrays
+        self.seg_doc, self.seg_len, self.row_ptr, self.row_len, seg_tgt = arrays
+        # counted targets per row (what collate's labels count): the loss normaliser without a collective
+        self.row_tgt = (np.add.reduceat(np.asarray(seg_tgt), self.row_ptr[:-1]) if len(seg_tgt)
+                        else np.zeros(0, np.int64))
         self.stats = PackingStats(**stats)
         rows = len(self.row_ptr) - 1
         self._n = rows // 2 if self.preference else rows  # a preference item = rows 2i (chosen), 2i+1 (rejected)
@@ -139,6 +143,7 @@ class CorpusDataset(ItemDataset):
         dropped = int((~keep).sum())
         docs, lens = docs[keep], lens[keep]
         seg_doc, seg_len = docs.reshape(-1).astype(np.int64), lens.reshape(-1).astype(np.int64)
+        seg_tgt = tgt[keep].reshape(-1).astype(np.int64)  # a segment's targets: loss_mask[o + 1:o + n] of its doc
         if self.packing == "pad" or len(seg_doc) == 0:
             row_ptr = np.arange(len(seg_doc) + 1, dtype=np.int64)
         else:
@@ -150,7 +155,7 @@ class CorpusDataset(ItemDataset):
                 room -= n
             row_ptr = np.asarray(starts + [len(seg_doc)], dtype=np.int64)
         row_len = np.add.reduceat(seg_len, row_ptr[:-1]) if len(seg_len) else np.zeros(0, np.int64)
-        return (seg_doc, seg_len, row_ptr, row_len), {"truncated": truncated if self.truncation == "right" else 0,
+        return (seg_doc, seg_len, row_ptr, row_len, seg_tgt), {"truncated": truncated if self.truncation == "right" else 0,
                                                       "dropped": dropped}
 
     # ---- rows -----------------------------------------------------------------------------------------------
@@ -209,8 +214,17 @@ class CorpusDataset(ItemDataset):
         rows = np.concatenate([2 * items, 2 * items + 1]) if self.preference else items
         return int(np.minimum(np.asarray(self.row_len[rows]), self.seq_len).sum())
 
+    def target_tokens(self, items: np.ndarray) -> int:
+        """Counted targets (labels != -100) of these items' rows, from the index (no row materialised)."""
+        items = np.asarray(items, dtype=np.int64)
+        if self.packing == "concat":
+            L1 = self.seq_len + 1
+            return sum(int(self._stream(int(i) * L1 + 1, L1 - 1)[1].sum()) for i in items)
+        rows = np.concatenate([2 * items, 2 * items + 1]) if self.preference else items
+        return int(self.row_tgt[rows].sum())
 
-_INDEX_ARRAYS = ("seg_doc", "seg_len", "row_ptr", "row_len")
+
+_INDEX_ARRAYS = ("seg_doc", "seg_len", "row_ptr", "row_len", "seg_tgt")
 
 
 def _save_index(d: Path, arrays: tuple[np.ndarray, ...], stats: dict) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from trellis.errors import ConfigError
 
-from .batch import Batch
+from .batch import IGNORE_INDEX, Batch
 
 
 class ItemDataset:
@@ -33,6 +33,12 @@ class ItemDataset:
 
     def input_tokens(self, items: np.ndarray) -> int:
         raise NotImplementedError
+
+    def target_tokens(self, items: np.ndarray) -> int:
+        """Counted targets (labels != -100) of these items: the loss normaliser's share. Generic: collate and
+        count; datasets that know it from an index override this."""
+        items = [int(i) for i in items]
+        return sum(int((self.collate(items[a:a + 256]).labels != IGNORE_INDEX).sum()) for a in range(0, len(items), 256))
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._perm_cache:
@@ -78,6 +84,18 @@ class PackedDataset(ItemDataset):
     def input_tokens(self, items: np.ndarray) -> int:
         return len(items) * (self.rows.shape[1] - 1)
 
+    def target_tokens(self, items: np.ndarray) -> int:
+        return len(items) * (self.rows.shape[1] - 1)  # every label counts
+
+
+class StepBatches(list):
+    """One step's micro-batches of this dp rank (a list of Batch) and `global_tokens`: the counted targets of
+    the whole global batch, every dp rank's, as the sampler knows them. The backends use it as the loss
+    normaliser instead of a collective before the first forward, and confirm it in the step's one scalar
+    all-reduce afterwards (a loop that changed labels still gets the exact normaliser: engine/backends/base.py)."""
+
+    global_tokens: int | None = None
+
 
 class GlobalBatchSampler:
     """Hands each dp rank its micro-batches for a step; state = steps consumed."""
@@ -100,11 +118,15 @@ class GlobalBatchSampler:
     def global_batch_size(self) -> int:
         return self.mb * self.accum * self.dp_size
 
-    def micro_batches(self, step: int | None = None) -> list[Batch]:
-        """This rank's `grad_accum` micro-batches for `step` (default: the next one)."""
+    def micro_batches(self, step: int | None = None) -> "StepBatches":
+        """This rank's `grad_accum` micro-batches for `step` (default: the next one), with the step's global
+        count of counted targets (every dp rank's: the loss normaliser, known here without a collective)."""
         step = self.step if step is None else step
         base = step * self.global_batch_size + self.dp_rank * self.mb * self.accum
-        return [self.ds.collate(self.ds.items(base + a * self.mb, self.mb).tolist()) for a in range(self.accum)]
+        out = StepBatches(self.ds.collate(self.ds.items(base + a * self.mb, self.mb).tolist())
+                          for a in range(self.accum))
+        out.global_tokens = self.ds.target_tokens(self.ds.items(step * self.global_batch_size, self.global_batch_size))
+        return out
 
     def input_tokens(self, first_step: int, num_steps: int = 1) -> int:
         """Non-padding input positions of the global batches (every dp rank's) of steps [first, first + num),
@@ -147,3 +169,6 @@ class ItemSlice(ItemDataset):
 
     def input_tokens(self, items: np.ndarray) -> int:
         return self.base.input_tokens(np.asarray(items) + self.start)
+
+    def target_tokens(self, items: np.ndarray) -> int:
+        return self.base.target_tokens(np.asarray(items) + self.start)

@@ -111,7 +111,10 @@ def test_pad_packing_and_truncation_counts(tmp_path):
     assert len(drop) == 2 and (drop.stats.truncated, drop.stats.dropped) == (0, 3)
     assert drop.collate([1]).input_ids[0].tolist()[:2] == x
     # the index is cached beside the manifest, keyed by (packing, seq_len, truncation, split)
-    assert {p.name for p in (corpus.dir / "packing").iterdir()} == {"pad-L6-right-all", "pad-L6-drop-all"}
+    assert {p.name for p in (corpus.dir / "packing").iterdir()} == {"pad-L6-right-all-v2", "pad-L6-drop-all-v2"}
+    # the loss normaliser from the index (no row materialised) == the collated labels' count, by hand for two rows
+    assert right.target_tokens(np.array([0])) == len(cat) - 1 and right.target_tokens(np.array([1])) == 6
+    assert right.target_tokens(np.arange(4)) == int((b.labels != -100).sum())
 
 
 def test_prepared_directory_gives_bit_identical_batches(tmp_path, monkeypatch):
