@@ -2,10 +2,10 @@
 
 Same tiny model, same global batch, same precision, same number of CPU ranks. Prints both median step
 times (first steps excluded as warm-up; the median, because a shared 2-core VM has step-time spikes) and the
-ratio trellis / DDP (goal <= 1.05). `--repeats N` alternates the two N times and prints every ratio and their
-median: on a shared machine one pair of runs has varied from 0.99 to 1.22.
+ratio trellis / DDP (goal <= 1.00). `--repeats N` runs N pairs, alternating which of the two runs first, and
+prints every ratio with their min / median / max; `--json` prints `{"ratios": [...], "median": x}` last.
 
-    .venv/bin/python bench/ddp_overhead.py [--steps 40] [--dtype fp32|bf16] [--ranks 2] [--repeats 3]
+    .venv/bin/python bench/ddp_overhead.py [--steps 40] [--dtype fp32|bf16] [--ranks 2] [--repeats 7] [--json]
 """
 
 from __future__ import annotations
@@ -88,18 +88,26 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--accum", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", action="store_true", help="print the ratios as one JSON object last")
     args = ap.parse_args()
     print(f"ranks={args.ranks} dtype={args.dtype} micro_batch={args.micro_batch} accum={args.accum} seq=128")
     ratios = []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as d:
-            t_trellis = trellis_step_time(args, Path(d) / "m.jsonl")
-            t_ddp = ddp_step_time(args, Path(d) / "ddp.json")
+            if i % 2 == 0:  # alternate the order: neither side always gets the warmer machine
+                t_trellis = trellis_step_time(args, Path(d) / "m.jsonl")
+                t_ddp = ddp_step_time(args, Path(d) / "ddp.json")
+            else:
+                t_ddp = ddp_step_time(args, Path(d) / "ddp.json")
+                t_trellis = trellis_step_time(args, Path(d) / "m.jsonl")
         ratios.append(t_trellis / t_ddp)
-        print(f"run {i + 1}: trellis train {t_trellis * 1000:7.1f} ms/step, torch DDP loop {t_ddp * 1000:7.1f} ms/step, "
-              f"ratio {ratios[-1]:.3f}")
-    print(f"ratio trellis/DDP = {statistics.median(ratios):.3f} (median of {len(ratios)}; goal <= 1.05)")
+        print(f"pair {i + 1}: trellis train {t_trellis * 1000:7.1f} ms/step, torch DDP loop {t_ddp * 1000:7.1f} "
+              f"ms/step, ratio {ratios[-1]:.3f}", flush=True)
+    print(f"ratio trellis/DDP: min {min(ratios):.3f} / median {statistics.median(ratios):.3f} / max "
+          f"{max(ratios):.3f} over {len(ratios)} alternated pairs (goal: median <= 1.00)")
+    if args.json:
+        print(json.dumps({"ratios": [round(r, 4) for r in ratios], "median": round(statistics.median(ratios), 4)}))
 
 
 if __name__ == "__main__":
