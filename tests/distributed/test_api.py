@@ -87,7 +87,7 @@ def api_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
             continue
         engine = trellis.initialize(cfg)
         loss_fn = LOSSES.get(sc.get("loss"))
-        res = {"losses": [], "lrs": [], "steps": []}
+        res = {"losses": [], "lrs": [], "steps": [], "norms": []}
         if sc.get("bad_calls"):
             mbs = next(engine.batches())
             res["errors"] = []
@@ -96,9 +96,18 @@ def api_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
                     engine.train_step(bad)
                 except UserError as e:
                     res["errors"].append(str(e))
+        counter = _ScalarReduceCounter() if sc.get("count_reductions") else None
         for mbs in engine.batches():
+            if sc.get("relabel") and rank == 1:  # after the sampler counted the targets: the count is stale
+                for b in mbs:
+                    b.labels[:, :RELABEL] = -100
+            if counter is not None:
+                counter.calls = 0
             r = engine.train_step(with_weights(mbs) if sc.get("loss") == "weighted" else mbs, loss_fn=loss_fn)
+            if counter is not None:
+                res.setdefault("reductions", []).append(counter.calls)
             res["losses"].append(r.loss)
+            res["norms"].append(r.grad_norm)
             res["lrs"].append(r.lr)
             res["steps"].append(engine.step)
             if engine.step == sc.get("save_at"):  # save, then continue in a fresh engine from the checkpoint
@@ -119,6 +128,27 @@ def api_scenarios(rank: int, world: int, scenarios: list[dict]) -> list[dict]:
     return out
 
 
+RELABEL = 4  # positions the "relabel" scenario masks on rank 1 after the sampler counted the targets
+
+
+class _ScalarReduceCounter:
+    """Counts the all_reduce calls of small (≤ 16 element) tensors: the step's scalar collectives. It wraps
+    torch.distributed.all_reduce and calls through (the real collective runs); gradient buckets are larger."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.calls = 0
+        real = dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):
+            if tensor.numel() <= 16:
+                self.calls += 1
+            return real(tensor, *args, **kwargs)
+
+        dist.all_reduce = counted
+
+
 def trainer_ctx():
     from trellis.engine.distributed import init_distributed
 
@@ -126,7 +156,13 @@ def trainer_ctx():
 
 
 # ---- the 1-process reference (no trellis parallel code) -----------------------------------------------
-def reference_losses(overrides: dict, loss_name: str | None, steps: int = STEPS) -> list[float]:
+def reference_losses(overrides: dict, loss_name: str | None, steps: int = STEPS, relabel_from: int | None = None) -> list[float]:
+    return reference_run(overrides, loss_name, steps, relabel_from)[0]
+
+
+def reference_run(overrides: dict, loss_name: str | None, steps: int = STEPS,
+                  relabel_from: int | None = None) -> tuple[list[float], list[float]]:
+    """(losses, gradient norms before clipping) of the 1-process loop."""
     from trellis.engine.data import GlobalBatchSampler, build_dataset
     from trellis.engine.model import build_model
     from trellis.engine.tokenizer import find_tokenizer, load_tokenizer
@@ -139,9 +175,12 @@ def reference_losses(overrides: dict, loss_name: str | None, steps: int = STEPS)
                                  dp_rank=0, dp_size=1)
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=0.0,
                             foreach=False)
-    losses = []
+    losses, norms = [], []
     for _ in range(steps):
         batches = sampler.next()
+        if relabel_from is not None:  # what the "relabel" scenario's rank 1 does to its micro-batches
+            for b in batches[relabel_from:]:
+                b.labels[:, :RELABEL] = -100
         n = sum(int((b.labels != -100).sum()) for b in batches)
         total = 0.0
         for b in batches:
@@ -155,18 +194,22 @@ def reference_losses(overrides: dict, loss_name: str | None, steps: int = STEPS)
             loss = loss_sum / n
             loss.backward()
             total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(total)
-    return losses
+    return losses, norms
 
 
-def _check(name: str, got: list[float], ov: dict, loss: str | None) -> float:
-    ref = reference_losses(ov, loss)
-    d = max(abs(a - b) for a, b in zip(got, ref))
-    print(f"{name}: max |Δloss| vs 1-process reference = {d:.2e}")
-    assert len(got) == STEPS and d <= TOL, (name, got, ref)
+def _check(name: str, got: dict, ov: dict, loss: str | None) -> float:
+    """Losses and gradient norms (the step's one scalar all-reduce adds each rank's owned squared norm: a
+    gradient counted twice or missed shows here) against the 1-process loop."""
+    ref, ref_norms = reference_run(ov, loss)
+    d = max(abs(a - b) for a, b in zip(got["losses"], ref))
+    dn = max(abs(a - b) / b for a, b in zip(got["norms"], ref_norms))
+    print(f"{name}: max |Δloss| vs 1-process reference = {d:.2e}, grad norm rel. Δ = {dn:.2e}")
+    assert len(got["losses"]) == STEPS and d <= TOL, (name, got["losses"], ref)
+    assert dn <= TOL, (name, got["norms"], ref_norms)
     return d
 
 
@@ -189,11 +232,12 @@ def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
     scenarios += [{"overrides": resume_ov, "loss": "smoothed", "save_at": 2, "save_dir": str(tmp_path / "ck")},
                   {"overrides": lora_ov, "export_to": str(tmp_path / "adapter")},
                   {"overrides": cli_ov, "cli": True},
-                  {"overrides": {**BASE, "parallel.dp": 2}, "bad_calls": True}]
+                  {"overrides": {**BASE, "parallel.dp": 2}, "bad_calls": True},
+                  {"overrides": {**BASE, "parallel.dp": 2}, "relabel": True, "count_reductions": True}]
     results = run_ranks(2, api_scenarios, scenarios, timeout=400)
     r0 = results[0]
     for i, (name, (ov, loss)) in enumerate(TWO_RANKS.items()):
-        _check(name, r0[i]["losses"], {**BASE, **ov}, loss)
+        _check(name, r0[i], {**BASE, **ov}, loss)
         assert results[1][i]["losses"] == r0[i]["losses"], name  # the global-batch mean on every rank
         assert r0[i]["steps"] == [1, 2, 3] and r0[i]["lrs"] == [BASE["train.lr"]] * STEPS
     vp = list(TWO_RANKS).index("tp2 vocab_parallel")
@@ -208,16 +252,24 @@ def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed["losses"], ref4)) <= TOL
     adapter = Path(r0[len(TWO_RANKS) + 1]["exported"])
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    cli, api = r0[-2]["losses"], r0[-1]["losses"]
+    cli, api = r0[-3]["losses"], r0[-2]["losses"]
     print("CLI", cli, "API", api)
     assert cli == api, "the CLI's Trainer and the API loop must give bit-identical losses"
-    errors = r0[-1]["errors"]
+    errors = r0[-2]["errors"]
     assert len(errors) == 2
     assert "1 micro-batches, but train.grad_accum=2" in errors[0]
     assert "micro-batch 0: missing 'labels'" in errors[1]
+    # labels changed on one rank after the sampler counted them: still the exact global mean (the step's
+    # scalar reduction confirms the count and rescales), and one scalar all-reduce per step on every rank
+    relabel = r0[-1]
+    d = max(abs(a - b) for a, b in zip(relabel["losses"], reference_losses({**BASE, "parallel.dp": 2}, None,
+                                                                          relabel_from=BASE["train.grad_accum"])))
+    print(f"relabelled on rank 1: max |Δloss| = {d:.2e}; scalar all-reduces per step {relabel['reductions']}")
+    assert d <= TOL and relabel["losses"] == results[1][-1]["losses"]
+    assert relabel["reductions"] == results[1][-1]["reductions"] == [1] * STEPS
 
 
 def test_api_dp2_pp2_tp2_zero3_custom_loss_equals_reference():
     ov = {**BASE, "parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "zero.stage": 3}
     results = run_ranks(8, api_scenarios, [{"overrides": ov, "loss": "smoothed"}], timeout=400)
-    _check("dp2·pp2·tp2 zero3 smoothed", results[0][0]["losses"], ov, "smoothed")
+    _check("dp2·pp2·tp2 zero3 smoothed", results[0][0], ov, "smoothed")
