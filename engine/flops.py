@@ -21,8 +21,10 @@ the optimizer — is not counted, as Megatron/PaLM/torchtitan count MFU):
   Activation recompute is hardware work, not model work: `hardware` adds the recomputed forward (full: the
   whole block; selective: its attention module, projections included — what parallel/activation_checkpoint.py
   wraps); MFU uses `model`, HFU uses `hardware`.
-Known approximations: autograd skips the first block's input gradient when everything below it is frozen
-(≤ 1/layers of the frozen-base backward), and the LM head's input gradient is counted even for a frozen model.
+  A frozen embedding: autograd skips the input gradient of the first block's input projections (q/k/v, and
+  their lora_A), whose input needs no gradient; counted so (prompt/p-tuning, whose virtual tokens are trainable
+  inputs, keep it). With that, full fine-tuning and LoRA equal torch.utils.flop_counter's count of a real HF
+  step with eager attention and causal=False (tests/unit/test_flops.py).
 
 Peak FLOP/s: `PEAK_TFLOPS` (dense, no sparsity, from NVIDIA's datasheets named there) for GPUs; on a CPU the
 peak is a ≤ 1 s matmul calibration (`calibrate_cpu`), cached per machine (CPU model, torch version, threads)
@@ -93,21 +95,30 @@ def flops_per_token(d: ModelDims, *, seq_len: int, peft: str = "none", lora_r: i
     attn_lin_fwd = sum(2 * x.fan_in * x.fan_out for x in lin if _is_attention(d, x.name))
     core_fwd = 2 * 2 * d.heads * d.head_dim * keys  # QKᵀ and AV
     lora_fwd = attn_lora_fwd = 0.0
+    # the first block's input projections: no input gradient when nothing below them trains
+    first_skip = (sum(2 * x.fan_in * x.fan_out for x in lin if _is_attention(d, x.name) and x.style == "col")
+                  if frozen and peft not in ("prompt", "ptuning") else 0.0)
     if peft in LORA_METHODS:
         for name, fi, fo in _lora_shapes(d, lora_targets):
             f = 2 * lora_r * (fi + fo)
             lora_fwd += f
             attn_lora_fwd += f if _is_attention(d, name) else 0.0
+            if first_skip and _is_attention(d, name) and _style(lin, name) == "col":
+                first_skip += 2 * lora_r * fi  # lora_A's input gradient
     head_fwd = 2 * (d.proj_dim or d.hidden) * d.vocab
     wmul = 1 if frozen else 2  # backward of a weight matmul: input grad (+ weight grad when trainable)
     block_fwd = lin_fwd + core_fwd + lora_fwd
     block_bwd = wmul * lin_fwd + 2 * core_fwd + 2 * lora_fwd
     forward = d.layers * block_fwd + head_fwd
-    model = forward + d.layers * block_bwd + wmul * head_fwd
+    model = forward + d.layers * block_bwd + wmul * head_fwd - first_skip
     recompute = {"none": 0.0, "full": block_fwd, "selective": attn_lin_fwd + core_fwd + attn_lora_fwd}
     if activation_checkpointing not in recompute:
         raise ValueError(f"activation_checkpointing={activation_checkpointing!r}: use none, selective or full")
     return FlopsPerToken(forward=forward, model=model, hardware=model + d.layers * recompute[activation_checkpointing])
+
+
+def _style(lins: list[Linear], name: str) -> str:
+    return next(x.style for x in lins if x.name == name)
 
 
 def _is_attention(d: ModelDims, name: str) -> bool:
