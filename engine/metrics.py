@@ -115,7 +115,7 @@ class Progress:
 
 
 def _throughput_text(rec: dict) -> str:
-    """" 12.3 TFLOP/s MFU 41.0%" (MFU only where the device's peak is known; engine/flops.py)."""
+    """" 12.3 TFLOP/s MFU 41.0%" (MFU only where the device's peak is known; parallel/flops.py)."""
     if rec.get("tflops") is None:
         return ""
     return f" {rec['tflops']:.3g} TFLOP/s" + (f" MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else "")

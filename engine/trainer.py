@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from trellis.errors import TrainingDiverged
+from trellis.parallel.flops import ThroughputMeter, flops_for_config, peak_flops
 
 from .api import Engine
 from .dpo import DPO
 from .distributed import DistContext
-from .flops import ThroughputMeter, flops_for_config, peak_flops
 from .metrics import MetricsWriter, Progress, StepTimer, peak_memory_bytes, print_summary
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
@@ -123,7 +123,7 @@ class Trainer:
                        "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
                        "step_time_s": dt, "tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen,
                        "skipped": res.skipped}
-                rec.update(self.meter(step_input_tokens, dt))  # mfu, tflops, hfu (engine/flops.py)
+                rec.update(self.meter(step_input_tokens, dt))  # mfu, tflops, hfu (parallel/flops.py)
                 if dpo is not None:
                     rec.update(reward_margin=dpo.reward_margin, reward_accuracy=dpo.reward_accuracy)
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.eval_data is not None:
@@ -192,7 +192,7 @@ class Trainer:
             print_summary(summary, table)
         return summary
 
-    # ---- MFU / TFLOP/s (engine/flops.py) ---------------------------------------------------------
+    # ---- MFU / TFLOP/s (parallel/flops.py) ---------------------------------------------------------
     def _throughput_meter(self) -> ThroughputMeter:
         from trellis.parallel.models.dims import dims_from_hf_config
 

@@ -2,7 +2,7 @@
 
 Throughput model (relative, per optimizer step; documented so users can argue with it):
   step_time = compute / (1 - bubble) + dp_comm + tp_comm + offload
-  compute   = tokens · hardware FLOPs per token / (gpus · PEAK_FLOPS)  (engine/flops.py: the MFU metric's FLOP
+  compute   = tokens · hardware FLOPs per token / (gpus · PEAK_FLOPS)  (parallel/flops.py: the MFU metric's FLOP
               model, PEFT-aware, with the forward that activation checkpointing recomputes; `--params N`
               without dims: 6·Ψ per token)
   bubble    = (pp - 1) / (grad_accum + pp - 1)                          (GPipe and 1F1B alike)
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from trellis.configs.validate import offload_errors
 from trellis.errors import ConfigError
 
-from ..flops import flops_per_token
+from trellis.parallel.flops import flops_per_token
 from .estimator import MemoryEstimate, TrainingSetup, estimate
 from .models import ModelDims, total_params
 

@@ -1,4 +1,4 @@
-"""The FLOP model (engine/flops.py) against hand counts of one layer, torch's own FLOP counter on real HF
+"""The FLOP model (parallel/flops.py) against hand counts of one layer, torch's own FLOP counter on real HF
 models, the device peak table and the CPU calibration cache."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from trellis.engine.flops import (FlopsPerToken, ThroughputMeter, cpu_cache_file, cpu_peak_flops, flops_per_token,
+from trellis.parallel.flops import (FlopsPerToken, ThroughputMeter, cpu_cache_file, cpu_peak_flops, flops_per_token,
                                   gpu_peak_flops, peak_flops)
 from trellis.engine.metrics import print_summary, _throughput_text
 from trellis.parallel.models.dims import dims_from_hf_config

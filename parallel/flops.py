@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trellis.parallel.models import family_for
-from trellis.parallel.models.dims import Linear, ModelDims, linear_shapes
+from .models import family_for
+from .models.dims import Linear, ModelDims, linear_shapes
 
 LORA_METHODS = ("lora", "rslora", "dora", "qlora", "adalora")
 
