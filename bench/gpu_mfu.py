@@ -13,7 +13,8 @@ parallel/flops.py's (the MFU metric's); the peak is the device table's (or $TREL
 All variants run in this one process, one after the other (the engine of the previous one is freed and the
 peak-memory counter reset in between). `--json` prints one JSON object as the last line:
 {"device", "peak_tflops", "model", "seq_len", "results": [{"variant", "tokens_per_s", "tflops", "mfu", "hfu",
-"peak_mem_bytes", "step_s", "first_step_s", "loss"}]}.
+"peak_mem_bytes", "step_s", "first_step_s", "loss"}], "summary": {variant: {"tokens_per_s_min",
+"tokens_per_s_median", "tokens_per_s_max", "runs"}}}.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--only", default="", help="comma list of words a variant must contain, e.g. eager,full")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the variant list this many times, alternating (min/median/max in the JSON)")
     ap.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     a = ap.parse_args(argv)
     import torch
@@ -126,7 +129,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         print(f"{'variant':<28}{'tok/s':>10}{'TFLOP/s':>10}{'MFU':>8}{'HFU':>8}{'peak mem':>12}{'step s':>9}"
               f"{'1st s':>8}", file=sys.stderr)
-        for compiled, ac, ft in variants:
+        for compiled, ac, ft in [v for _ in range(a.repeats) for v in variants]:
             r = run_variant(model_dir, compiled=compiled == "compile", ac=ac, ft=ft, seq=seq, mb=mb, steps=steps,
                             warmup=warmup, dtype=dtype)
             results.append(r)
@@ -135,8 +138,17 @@ def main(argv=None) -> int:
             print(f"{r['variant']:<28}{r['tokens_per_s']:>10.0f}{r['tflops']:>10.3g}{pct(r['mfu']):>8}"
                   f"{pct(r['hfu']):>8}{mem:>12}{r['step_s']:>9.3f}{r['first_step_s']:>8.1f}", file=sys.stderr,
                   flush=True)
+    spread = {}
+    for r in results:
+        spread.setdefault(r["variant"], []).append(r["tokens_per_s"])
+    summary = {k: {"tokens_per_s_min": min(v), "tokens_per_s_median": statistics.median(v),
+                   "tokens_per_s_max": max(v), "runs": len(v)} for k, v in spread.items()}
+    if a.repeats > 1:
+        for k, v in summary.items():
+            print(f"{k:<28} tok/s min {v['tokens_per_s_min']:.0f} median {v['tokens_per_s_median']:.0f} "
+                  f"max {v['tokens_per_s_max']:.0f} ({v['runs']} runs)", file=sys.stderr)
     if a.json:
-        print(json.dumps({"device": name, "peak_tflops": peak / 1e12 if peak else None,
+        print(json.dumps({"device": name, "peak_tflops": peak / 1e12 if peak else None, "summary": summary,
                           "model": {k: model[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
                           "seq_len": seq, "micro_batch": mb, "dtype": dtype, "results": results}))
     return 0

@@ -199,6 +199,8 @@ class Trainer:
         per_token = flops_for_config(self.cfg, dims_from_hf_config(self.hf_config))
         # only the main rank reports; a CPU's peak is calibrated once per machine (≤ 1 s) and cached
         peak = peak_flops(self.ctx.device, self.cfg.precision.dtype) if self.ctx.is_main else None
+        if self.ctx.device.type == "cpu":  # the other ranks wait: no step of theirs runs during a calibration
+            dist.barrier()
         return ThroughputMeter(per_token, self.ctx.world_size, peak)
 
     def _run_throughput(self, step_times: list[float]) -> dict:

@@ -28,8 +28,8 @@ the optimizer — is not counted, as Megatron/PaLM/torchtitan count MFU):
 
 Peak FLOP/s: `PEAK_TFLOPS` (dense, no sparsity, from NVIDIA's datasheets named there) for GPUs; on a CPU the
 peak is a ≤ 1 s matmul calibration (`calibrate_cpu`), cached per machine (CPU model, torch version, threads)
-under the trellis cache dir. It is measured once — by `trellis calibrate-flops`, or lazily by the first run that
-finds no cache — and read from the file afterwards.
+under the trellis cache dir. It is measured once, lazily, by the first run on the machine that finds no cache
+(rank 0, before the first step, the other ranks waiting), and read from the file by every later start.
 """
 
 from __future__ import annotations
