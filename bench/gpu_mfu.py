@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = peak_flops(dev, dtype)
     words = [w for w in a.only.split(",") if w]
-    variants = [v for v in VARIANTS if all(w in "/".join(v) for w in words)]
+    variants = [v for v in VARIANTS if all(w in f"{v[0]}/ac={v[1]}/{v[2]}" for w in words)]
     results = []
     with tempfile.TemporaryDirectory() as d:
         model_dir = Path(d) / "llama-1b-shape"

@@ -154,6 +154,9 @@ def compile_errors(cfg: TrainConfig) -> list[str]:
     if cfg.zero.backend == "deepspeed":
         e.append("train.compile=true is not available with zero.backend='deepspeed'; use zero.backend='native' "
                  "or train.compile=false")
+    if cfg.parallel.tp != 1:  # DTensor's redistribute backward gets a plain gradient from the compiled block
+        e.append(f"train.compile=true needs parallel.tp=1 (got {cfg.parallel.tp}): compiled tensor-parallel blocks "
+                 "fail in backward with torch's DTensor; use train.compile=false with tensor parallel")
     return e
 
 

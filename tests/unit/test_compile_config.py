@@ -25,3 +25,9 @@ def test_compile_with_zero_bubble_schedules_is_refused(schedule):
     assert "train.compile=true" in msg and "parallel.pp_schedule" in msg and "zero-bubble" in msg
     cfg.train.compile = False
     assert compile_errors(cfg) == []
+
+
+def test_compile_with_tensor_parallel_is_refused():
+    with pytest.raises(ConfigError) as e:
+        configs.load("tiny-llama", {"train.compile": True, "parallel.tp": 2})
+    assert any("train.compile=true needs parallel.tp=1" in m for m in e.value.messages)
