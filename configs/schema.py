@@ -148,6 +148,9 @@ class TrainLoopConfig:
     objective: Literal["causal_lm", "dpo"] = "causal_lm"
     # DPO's beta (the KL strength of the sigmoid loss); read only with train.objective='dpo'.
     dpo_beta: float = 0.1
+    # torch.compile each decoder block (inductor; the first steps pay the compilation). Native backend only;
+    # not with the zero-bubble pipeline schedules (they reject compiled stages).
+    compile: bool = False
 
     def __post_init__(self):
         # steps = 0 means "not given": the default length unless epochs sets it (resolved with the dataset).

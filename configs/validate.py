@@ -136,9 +136,27 @@ def _train(cfg: TrainConfig) -> list[str]:
         e.extend(_dpo_errors(cfg))
     if t.dpo_beta <= 0:
         e.append(f"train.dpo_beta={t.dpo_beta}: must be > 0")
+    e.extend(compile_errors(cfg))
     if t.optimizer == "adamw8bit" and cfg.zero.backend == "deepspeed":
         e.append("train.optimizer='adamw8bit' is not available with zero.backend='deepspeed'; "
                  "use 'adamw' or the native backend")
+    return e
+
+
+def compile_errors(cfg: TrainConfig) -> list[str]:
+    """train.compile=true: the combinations that cannot run compiled."""
+    if not cfg.train.compile:
+        return []
+    e, sched = [], cfg.parallel.pp_schedule.lower()
+    if cfg.parallel.pp > 1 and ("zb" in sched or "zero_bubble" in sched or "dualpipe" in sched):
+        e.append(f"train.compile=true: parallel.pp_schedule={cfg.parallel.pp_schedule!r} (zero-bubble) rejects "
+                 "compiled stages; use parallel.pp_schedule='1f1b' or 'interleaved_1f1b', or train.compile=false")
+    if cfg.zero.backend == "deepspeed":
+        e.append("train.compile=true is not available with zero.backend='deepspeed'; use zero.backend='native' "
+                 "or train.compile=false")
+    if cfg.parallel.tp != 1:  # DTensor's redistribute backward gets a plain gradient from the compiled block
+        e.append(f"train.compile=true needs parallel.tp=1 (got {cfg.parallel.tp}): compiled tensor-parallel blocks "
+                 "fail in backward with torch's DTensor; use train.compile=false with tensor parallel")
     return e
 
 

@@ -102,7 +102,7 @@ class Progress:
     def update(self, rec: dict) -> None:
         scale = f" scale {rec['loss_scale']:.0f}" if rec.get("loss_scale") is not None else ""
         info = (f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s "
-                f"{rec['step_time_s']:.2f} s/step{scale}" + (" SKIPPED(overflow)" if rec.get("skipped") else "")
+                f"{rec['step_time_s']:.2f} s/step{scale}{_throughput_text(rec)}" + (" SKIPPED(overflow)" if rec.get("skipped") else "")
                 + (f" eval_loss {rec['eval_loss']:.4f}" if rec.get("eval_loss") is not None else ""))
         if self.mode == "rich":
             self._bar.update(self._task, completed=rec["step"], info=info)
@@ -114,15 +114,26 @@ class Progress:
             self._bar.stop()
 
 
+def _throughput_text(rec: dict) -> str:
+    """" 12.3 TFLOP/s MFU 41.0%" (MFU only where the device's peak is known; parallel/flops.py)."""
+    if rec.get("tflops") is None:
+        return ""
+    return f" {rec['tflops']:.3g} TFLOP/s" + (f" MFU {rec['mfu']:.1%}" if rec.get("mfu") is not None else "")
+
+
 def print_summary(summary: dict, memory_table: list[dict] | None = None, file=sys.stderr) -> None:
     """One screen at the end of a run."""
     lines = ["", "─" * 72, "trellis run summary", "─" * 72]
     for k in ("model", "layout", "precision", "data", "steps", "tokens", "first_loss", "final_loss", "wall_s",
-              "tokens_per_s", "mean_step_s", "skipped_steps", "loss_scale", "eval_loss", "metrics_file", "checkpoint",
+              "tokens_per_s", "mean_step_s", "tflops", "mfu", "skipped_steps", "loss_scale", "eval_loss", "metrics_file", "checkpoint",
               "resumed_from", "stopped_by_signal"):
         if k in summary and summary[k] is not None:
             v = summary[k]
-            if isinstance(v, float):
+            if k == "mfu":
+                v = f"{v:.1%}"
+            elif k == "tflops":
+                v = f"{v:.3g} TFLOP/s per device"
+            elif isinstance(v, float):
                 v = f"{v:.4f}" if "loss" in k else f"{v:.2f}"
             lines.append(f"  {k:<14} {v}")
     if memory_table:

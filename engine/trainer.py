@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from trellis.errors import TrainingDiverged
+from trellis.parallel.flops import ThroughputMeter, flops_for_config, peak_flops
 
 from .api import Engine
 from .backends.base import STOP_SIGNALS
@@ -66,6 +67,7 @@ class Trainer:
         self.input_tokens_seen = 0  # non-padding input positions, all dp ranks
         self.dpo = DPO(e) if cfg.train.objective == "dpo" else None
         self._setup_data()
+        self.meter = self._throughput_meter()
 
     @property
     def step(self) -> int:
@@ -105,7 +107,8 @@ class Trainer:
         stopped_by = 0
         try:
             for batches in self.engine.batches(self.train_data):
-                self.input_tokens_seen += self.engine.input_tokens(self.step)
+                step_input_tokens = self.engine.input_tokens(self.step)
+                self.input_tokens_seen += step_input_tokens
                 dpo = self.dpo.train_step(batches) if self.dpo is not None else None
                 res = dpo.step if dpo is not None else self.engine.train_step(batches)
                 lr = res.lr
@@ -118,6 +121,7 @@ class Trainer:
                        "loss_scale": res.loss_scale, "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
                        "step_time_s": dt, "tokens": self.tokens_seen, "input_tokens": self.input_tokens_seen,
                        "skipped": res.skipped}
+                rec.update(self.meter(step_input_tokens, dt))  # mfu, tflops, hfu (parallel/flops.py)
                 if dpo is not None:
                     rec.update(reward_margin=dpo.reward_margin, reward_accuracy=dpo.reward_accuracy)
                 if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.eval_data is not None:
@@ -171,6 +175,7 @@ class Trainer:
             "wall_s": wall,
             "tokens_per_s": self.tokens_seen / wall if wall > 0 else 0.0,
             "mean_step_s": sum(step_times[1:]) / max(len(step_times) - 1, 1) if step_times else None,
+            **self._run_throughput(step_times),
             "skipped_steps": skipped,
             "loss_scale": self.backend.loss_scaler.scale if self.backend.loss_scaler is not None else None,
             "metrics_file": cfg.logging.metrics_file or None,
@@ -184,6 +189,26 @@ class Trainer:
         if main and cfg.logging.progress != "none":
             print_summary(summary, table)
         return summary
+
+    # ---- MFU / TFLOP/s (parallel/flops.py) ---------------------------------------------------------
+    def _throughput_meter(self) -> ThroughputMeter:
+        from trellis.parallel.models.dims import dims_from_hf_config
+
+        per_token = flops_for_config(self.cfg, dims_from_hf_config(self.hf_config))
+        # only the main rank reports; a CPU's peak is calibrated once per machine (≤ 1 s) and cached
+        peak = peak_flops(self.ctx.device, self.cfg.precision.dtype) if self.ctx.is_main else None
+        if self.ctx.device.type == "cpu":  # the other ranks wait: no step of theirs runs during a calibration
+            dist.barrier()
+        return ThroughputMeter(per_token, self.ctx.world_size, peak)
+
+    def _run_throughput(self, step_times: list[float]) -> dict:
+        """The run's mfu/tflops over the steps after the first (its compile / warm-up), like mean_step_s."""
+        if len(step_times) < 2:
+            return {"tflops": None, "mfu": None}
+        steps = len(step_times) - 1
+        tokens = self.engine.input_tokens(self.step - steps, steps)
+        m = self.meter(tokens, sum(step_times[1:]))
+        return {"tflops": m["tflops"], "mfu": m["mfu"]}
 
     def evaluate(self) -> float:
         batches = self.engine.eval_batches()

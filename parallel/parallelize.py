@@ -9,6 +9,7 @@ The steps, in the order the code runs them:
   4. tensor parallel   - per-family plan (parallel/models/<family>.py) applied by shared code
   5. pipeline split    - this rank's stage module(s), original parameter names kept
   6. activation ckpt   - full | selective, per decoder block
+  6b. compile          - train.compile: torch.compile per decoder block (parallel/compile.py)
   7. data parallel     - ZeRO-2/3 wrap with FSDP2 here; ZeRO-0/1 sync grads in the backend
 Steps 1-3 and 6 are what every backend shares: the DeepSpeed backend calls parallelize() with
 `shard_data_parallel=False` (DeepSpeed's engine shards over dp itself; it runs with tp = pp = 1).
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .activation_checkpoint import apply_activation_checkpointing
+from .compile import apply_compile
 from .data_parallel import apply_fsdp, decoder_blocks
 from .dims import ParallelDims, validate_model_dims
 from .hf_compat import alibi_from_key_positions
@@ -84,6 +86,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
 
     apply_activation_checkpointing([b for m in stage_modules for b in decoder_blocks(m, spec)], spec,
                                    cfg.activation_checkpointing.mode)
+    if cfg.train.compile:  # after TP and checkpointing, before FSDP2 (torchtitan's order)
+        apply_compile([b for m in stage_modules for b in decoder_blocks(m, spec)])
 
     # ZeRO-2/3 over dp (FSDP2); ZeRO-0/1 are handled by the backend's grad sync / optimizer.
     fsdp = shard_data_parallel and z.stage >= 2

@@ -2,7 +2,9 @@
 
 Throughput model (relative, per optimizer step; documented so users can argue with it):
   step_time = compute / (1 - bubble) + dp_comm + tp_comm + offload
-  compute   = 6 · Ψ_total · tokens · recompute / (gpus · PEAK_FLOPS)   (recompute: full 4/3, selective 1.05)
+  compute   = tokens · hardware FLOPs per token / (gpus · PEAK_FLOPS)  (parallel/flops.py: the MFU metric's FLOP
+              model, PEFT-aware, with the forward that activation checkpointing recomputes; `--params N`
+              without dims: 6·Ψ per token)
   bubble    = (pp - 1) / (grad_accum + pp - 1)                          (GPipe and 1F1B alike)
   dp_comm   = ring volume of grads (ZeRO 0-2: 2Ψ_rank·bytes; ZeRO-3: 3Ψ_rank·bytes incl. the param gathers)
               over NVLink when the dp group fits in a node, else over the inter-node network
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from trellis.configs.validate import offload_errors
 from trellis.errors import ConfigError
 
+from trellis.parallel.flops import flops_per_token
 from .estimator import MemoryEstimate, TrainingSetup, estimate
 from .models import ModelDims, total_params
 
@@ -80,8 +83,13 @@ def throughput(d: ModelDims, s: TrainingSetup, est: MemoryEstimate) -> tuple[flo
     gpus = s.world
     tokens = s.micro_batch * s.grad_accum * s.dp * max(s.seq_len, 1)
     psi = total_params(d)
-    recompute = {"none": 1.0, "selective": 1.05, "full": 4 / 3}[s.activation_checkpointing]
-    compute = 6 * psi * tokens * recompute / (gpus * PEAK_FLOPS)
+    if d.hidden and d.layers:
+        per_token = flops_per_token(d, seq_len=max(s.seq_len, 1), peft=s.peft, lora_r=s.lora_r,
+                                    lora_targets=s.lora_targets,
+                                    activation_checkpointing=s.activation_checkpointing).hardware
+    else:  # `--params N` alone: no per-layer dims, the 6Ψ rule (with full recompute's extra forward)
+        per_token = 6 * psi * (4 / 3 if s.activation_checkpointing == "full" else 1.0)
+    compute = per_token * tokens / (gpus * PEAK_FLOPS)
     bubble = (s.pp - 1) / (s.grad_accum + s.pp - 1)
     psi_rank = psi / (s.tp * s.pp)
     gb = 2 if s.precision != "fp32" else 4
