@@ -33,11 +33,12 @@ PEFT_METHODS = ("none", "lora", "rslora", "dora", "qlora", "ia3")
 QUANT_BYTES = {
     ("nf4", False): 0.5 + 4 / 64,  # 4-bit codes + fp32 absmax per 64-block
     ("nf4", True): 0.5 + 1 / 64 + 4 / (64 * 256),  # double quant: 8-bit absmax per 64 + fp32 per 256 of those
-    ("int8", False): 1.0,  # LLM.int8: int8 codes (+ one fp32 scale per output row, added separately)
+    ("int8", False): 1.0,  # LLM.int8: int8 codes (+ one fp32 scale per output row: INT8_ROW_SCALE_BYTES)
 }
 QUANT_BYTES[("fp4", False)] = QUANT_BYTES[("nf4", False)]
 QUANT_BYTES[("fp4", True)] = QUANT_BYTES[("nf4", True)]
 QUANT_BYTES[("int8", True)] = QUANT_BYTES[("int8", False)]
+INT8_ROW_SCALE_BYTES = 4  # bitsandbytes Int8Params.SCB: the fp32 absmax of each output row
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256, "sgd": 0.0}  # 8-bit: m, v + absmax per 256
 
 
@@ -230,6 +231,7 @@ class StageParams:
     largest_layer: float
     root: float  # params outside the decoder blocks on this stage
     head: float = 0.0  # the LM head's weight on this stage (tied: the embedding's), per tp rank
+    linear_rows: float = 0.0  # output rows of the base linears on this stage, per tp rank (int8 row scales)
 
 
 def stage_layers(d: ModelDims, pp: int) -> list[int]:
@@ -248,6 +250,7 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
                            root=0.0)
     lins = layer_linears(d)
     w = sum(x.fan_in * x.fan_out for x in lins) / tp
+    rows = sum(x.fan_out / tp if x.style == "col" else x.fan_out for x in lins)
     b = sum(x.fan_out / tp if x.style == "col" else x.fan_out for x in lins if x.bias)
     per_other = b + pc.per_layer_norms
     root = 0.0
@@ -261,7 +264,7 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
         adapters = sum(adapter_params(x, s) for x in _targets(d, s)) * n_layers
     head_w = (pc.head or pc.vocab_embedding) / tp if last else 0.0
     return StageParams(linear_w=w * n_layers, other=per_other * n_layers + root, adapters=adapters,
-                       largest_layer=w + per_other, root=root, head=head_w)
+                       largest_layer=w + per_other, root=root, head=head_w, linear_rows=rows * n_layers)
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
@@ -289,7 +292,8 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
         by: dict[str, float] = {}
         if quant != "none":
             qb = QUANT_BYTES[(quant, s.double_quant)]
-            by["4bit" if quant != "int8" else "int8"] = sp.linear_w * qb
+            by["4bit" if quant != "int8" else "int8"] = sp.linear_w * qb + (
+                sp.linear_rows * INT8_ROW_SCALE_BYTES if quant == "int8" else 0.0)
             by[_dt(store)] = by.get(_dt(store), 0.0) + sp.other * store
         else:
             by[_dt(store)] = frozen * store
@@ -305,8 +309,10 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             if z >= 1:
                 optim /= dp
             if z >= 2:
-                params, grads = params / dp, grads / dp
-                by = {k: v / dp for k, v in by.items()}
+                # the packed (4-/8-bit) base stays whole on every dp rank (FSDP2 ignored_params)
+                packed = by.get("4bit", 0.0) + by.get("int8", 0.0)
+                params, grads = packed + (params - packed) / dp, grads / dp
+                by = {k: v if k in ("4bit", "int8") else v / dp for k, v in by.items()}
         else:
             if z >= 1:
                 optim, master = optim / dp, master / dp
@@ -341,10 +347,13 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
         r.params_by_dtype = {k: int(round(v)) for k, v in by.items()} if params else {}
         # transient buffers
         gather_b = c if mixed else 4
+        # a packed base is not FSDP-managed: nothing of it is gathered
+        gathered_w = 0.0 if quant != "none" else sp.linear_w
         if native and z == 2:
-            r.buffers += (sp.linear_w + sp.other) * gather_b  # all blocks stay gathered fwd -> bwd
+            r.buffers += (gathered_w + sp.other) * gather_b  # all blocks stay gathered fwd -> bwd
         elif native and z == 3:
-            r.buffers += (sp.root + 2 * sp.largest_layer) * gather_b
+            layer = sp.largest_layer - (sp.linear_w / max(n_layers, 1) if quant != "none" else 0.0)
+            r.buffers += (sp.root + 2 * layer) * gather_b
         elif native and mixed:
             # autocast's low-precision copies of every matmul weight (block linears, LM head, adapters), kept
             # for backward. A 4-bit base dequantizes inside each call and keeps only the packed weight.
