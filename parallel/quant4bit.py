@@ -58,13 +58,36 @@ def linear_to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, q: QuantSpec
 INT8_THRESHOLD = 6.0
 
 
+_LINEAR8 = []  # the Linear8bitLt subclass, built on first use (bitsandbytes is imported lazily)
+
+
+def _linear8_class():
+    if not _LINEAR8:
+        import bitsandbytes as bnb
+
+        class Linear8bitLtBase(bnb.nn.Linear8bitLt):
+            """bitsandbytes' Linear8bitLt whose extra state-dict keys (`SCB`, `weight_format`) are also attributes:
+            torch.distributed.checkpoint's get_state_dict resolves every key of a module's state dict by getattr."""
+
+            @property
+            def SCB(self) -> torch.Tensor:  # noqa: N802 - bitsandbytes' key name
+                return int8_row_scales(self)
+
+            @property
+            def weight_format(self) -> torch.Tensor:
+                return torch.tensor(0, dtype=torch.uint8)  # bitsandbytes' "row-major" marker
+
+        _LINEAR8.append(Linear8bitLtBase)
+    return _LINEAR8[0]
+
+
 def linear_to_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A frozen bnb Linear8bitLt holding `weight` (out, in) as int8 rows + fp32 row scales (SCB)."""
     import bitsandbytes as bnb
 
     out_f, in_f = weight.shape
-    lin = bnb.nn.Linear8bitLt(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
-                              threshold=INT8_THRESHOLD, device="meta")
+    lin = _linear8_class()(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
+                           threshold=INT8_THRESHOLD, device="meta")
     lin.weight = bnb.nn.Int8Params(weight.detach().float().cpu().clone(), requires_grad=False,
                                    has_fp16_weights=False)
     if bias is not None:
