@@ -267,6 +267,16 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
                        largest_layer=w + per_other, root=root, head=head_w, linear_rows=rows * n_layers)
 
 
+def largest_module_params(d: ModelDims, tp: int = 1) -> float:
+    """Parameters of the largest single module (embedding, head or one linear), per tp rank: the unit DeepSpeed
+    ZeRO-3 gathers (it fetches each module's parameters before the module runs), the `largest_layer_params` of
+    DeepSpeed's own estimator. `--params` with --layers: one block (an upper bound); without: unknown (0)."""
+    if d.raw_params:
+        return d.raw_params / d.layers / tp if d.layers else 0.0
+    pc = param_counts(d)
+    return max([pc.vocab_embedding, pc.head] + [x.fan_in * x.fan_out for x in layer_linears(d)]) / tp
+
+
 # ---- the estimate -----------------------------------------------------------------------------------
 def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
     validate(d, s)
@@ -317,10 +327,11 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             if z >= 1:
                 optim, master = optim / dp, master / dp
             if z >= 2:
-                # DeepSpeed reduces each gradient into this rank's fp32 partition (the one the fp32 master step
-                # reads; the 16-bit gradients only pass through the reduce buckets). `--params N` alone keeps
-                # the ZeRO paper's classic accounting (16-bit gradient partition, 2Ψ/Nd).
-                grads = (grads if d.raw_params else trainable * 4) / dp
+                # DeepSpeed keeps this rank's gradient partition twice at the optimizer step (measured on a
+                # live engine): the compute-dtype partition its hooks reduce into (stage 2 grads_in_partition,
+                # stage 3 grad_partitions_flat_buffer) and the fp32 copy the master step reads. `--params N`
+                # alone keeps the ZeRO paper's classic accounting (16-bit gradient partition, 2Ψ/Nd).
+                grads = (grads if d.raw_params else trainable * (c + 4)) / dp
             if z == 3:
                 params /= dp
                 by = {k: v / dp for k, v in by.items()}
@@ -336,8 +347,9 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
                 dest = "cpu_offload" if s.offload_optimizer == "cpu" else "nvme_offload"
                 setattr(r, dest, getattr(r, dest) + moved)
                 optim = master = 0.0
-                if z >= 2:  # DeepSpeed keeps the fp32 grad partitions in (pinned) host memory
-                    r.cpu_offload += trainable * 4 / dp
+                if z >= 2:  # DeepSpeed keeps the fp32 grad partitions in (pinned) host memory; stage 3's
+                    # compute-dtype partition buffer too (pinned), stage 2 copies each grad straight to fp32
+                    r.cpu_offload += trainable * (4 + (c if z == 3 and not d.raw_params else 0)) / dp
                     grads = 0.0
             if s.offload_param != "none":
                 dest = "cpu_offload" if s.offload_param == "cpu" else "nvme_offload"
@@ -358,6 +370,11 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             # autocast's low-precision copies of every matmul weight (block linears, LM head, adapters), kept
             # for backward. A 4-bit base dequantizes inside each call and keeps only the packed weight.
             r.buffers += ((sp.linear_w if quant == "none" else 0.0) + sp.head + (sp.adapters if peft else 0.0)) * c
+        if not native and z == 3:
+            # ZeRO-3 working memory on the GPU, offloaded or not: the largest module's parameters gathered in
+            # the compute dtype and its compute-dtype gradients before the reduce-scatter (DeepSpeed's own
+            # "largest layer memory", 4 bytes x its params in 16-bit)
+            r.buffers += 2 * c * largest_module_params(d, s.tp)
         if s.seq_len:  # a whole training step (with only model states asked for, the classic figures)
             _activations(d, s, stage, n_layers, c, r)
             r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c)
@@ -446,10 +463,13 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
         f["params"] = f"{pb} ({s.precision} params)" + (" /Nd" if z == 3 else "") + (
             "; frozen base quantized: " + quant if quant != "none" else "")
         f["grads"] = (f"{pb} ({s.precision} grads)" if z < 2 else
-                      "4Ψ/Nd (DeepSpeed's fp32 gradient partition; classic --params accounting: " + pb + "/Nd)")
+                      f"({pb} + 4Ψ)/Nd: DeepSpeed's {s.precision} gradient partition + its fp32 copy at the step "
+                      f"(offloaded optimizer: the fp32 copy on the host; classic --params accounting: {pb}/Nd)")
         f["master_weights"] = (("4Ψ fp32 master copy" + (" /Nd" if z >= 1 else "")) if mixed else
                            ("4Ψ/Nd flat fp32 partition of DeepSpeed's ZeRO optimizer" if z >= 1 else "0 (fp32 training)"))
-        f["buffers"] = "DeepSpeed buckets not counted (reduce/allgather bucket sizes are configurable)"
+        f["buffers"] = ("ZeRO-3: largest module gathered + its 16-bit grads, 2 x compute bytes x its params "
+                        "(stays on the GPU with param offload); reduce/prefetch buckets under comm buffers"
+                        if z == 3 else "DeepSpeed buckets under comm buffers (with --seq-len)")
     f["optimizer_states"] = {"adamw": "8Ψ (Adam m, v in fp32)", "adamw8bit": "2Ψ + block constants (8-bit m, v)",
                              "sgd": "0 (no momentum)"}[s.optimizer] + (" /Nd" if z >= 1 else "")
     f["activations"] = ("per layer: family-itemized saved tensors (Korthikanti et al. 2022: sbh(34+5as/h) bytes "
