@@ -270,7 +270,8 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
 def largest_module_params(d: ModelDims, tp: int = 1) -> float:
     """Parameters of the largest single module (embedding, head or one linear), per tp rank: the unit DeepSpeed
     ZeRO-3 gathers (it fetches each module's parameters before the module runs), the `largest_layer_params` of
-    DeepSpeed's own estimator. `--params` with --layers: one block (an upper bound); without: unknown (0)."""
+    DeepSpeed's own estimator. `--params` with --layers: one block (an upper bound); without: 0.
+    (trellis' DeepSpeed config sets stage3_param_persistence_threshold = 0: no parameter stays whole.)"""
     if d.raw_params:
         return d.raw_params / d.layers / tp if d.layers else 0.0
     pc = param_counts(d)
