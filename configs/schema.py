@@ -170,8 +170,9 @@ class PeftConfig:
     # Empty = the family's default targets (attention + MLP projections).
     target_modules: list[str] = field(default_factory=list)
     num_virtual_tokens: int = 8
-    # Base linears quantized to 4 bit with bitsandbytes ("qlora" = lora with nf4 unless set).
-    quantize_base: Literal["auto", "none", "nf4", "fp4"] = "auto"
+    # Base linears quantized with bitsandbytes: 4 bit (nf4/fp4) or LLM.int8 (int8: Linear8bitLt, int8 rows +
+    # fp32 row scales, what prepare_model_for_kbit_training users load). "qlora" = lora with nf4 unless set.
+    quantize_base: Literal["auto", "none", "nf4", "fp4", "int8"] = "auto"
     double_quant: bool = True
     compute_dtype: Literal["fp32", "bf16"] = "fp32"
     # AdaLoRA (peft.method = "adalora"; peft.r is init_r, total_step = train.steps), peft's defaults:

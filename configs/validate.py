@@ -271,6 +271,12 @@ def _peft(cfg: TrainConfig) -> list[str]:
     if q != "none" and cfg.peft.method in _NO_4BIT_METHODS:
         e.append(f"peft.method={cfg.peft.method!r} breaks inside peft on a 4-bit base; use lora/dora/ia3 "
                  "for QLoRA, or set peft.quantize_base='none'")
+    if q == "int8" and cfg.parallel.tp > 1:
+        e.append(f"peft.quantize_base='int8' with parallel.tp={cfg.parallel.tp}: the 8-bit base is not tensor-"
+                 "parallel yet; use parallel.tp=1 (dp and pp work), or peft.quantize_base='nf4' under tp")
+    if q == "int8" and cfg.zero.backend == "deepspeed":
+        e.append("peft.quantize_base='int8' needs zero.backend='native' (the 8-bit base stays whole outside "
+                 "FSDP there); DeepSpeed's ZeRO would partition the int8 weights")
     if q != "none" and cfg.peft.method == "none":
         e.append("peft.quantize_base is set but peft.method='none'; a 4-bit base needs an adapter method "
                  "(e.g. peft.method='qlora')")

@@ -1,4 +1,8 @@
-"""4-bit linears for a QLoRA base (bitsandbytes NF4/FP4, optional double quant), imported lazily.
+"""Quantized linears for a frozen PEFT base (bitsandbytes NF4/FP4 ± double quant, or LLM.int8), imported lazily.
+
+int8 (`Linear8bitLt`, has_fp16_weights=False): int8 codes plus one fp32 scale per output row (SCB), exactly
+what HF's `BitsAndBytesConfig(load_in_8bit=True)` builds. Only the tp == 1 placement below exists for it;
+`configs/validate.py` refuses int8 under tp > 1 (its TP shard is not built yet).
 
 Two placements, one numeric result per weight block:
 - tp == 1: every rank quantizes the full linear before PEFT injection (what HF's `BitsAndBytesConfig`
@@ -29,7 +33,7 @@ QUANT_ATTR = "_trellis_quant"  # set on linears whose (local shard of the) weigh
 
 @dataclass(frozen=True)
 class QuantSpec:
-    quant_type: str          # "nf4" | "fp4"
+    quant_type: str          # "nf4" | "fp4" | "int8"
     double_quant: bool
     compute_dtype: torch.dtype
 
@@ -48,6 +52,53 @@ def linear_to_4bit(weight: torch.Tensor, bias: torch.Tensor | None, q: QuantSpec
     return lin.to(weight.device)  # .to() quantizes (bnb packs on the first device move)
 
 
+# Outlier threshold of LLM.int8 (HF BitsAndBytesConfig's default llm_int8_threshold): on a GPU, activation
+# columns above it go through an fp16 matmul. bitsandbytes' CPU training path dequantizes and runs an fp matmul,
+# so on CPU it changes nothing.
+INT8_THRESHOLD = 6.0
+
+
+_LINEAR8 = []  # the Linear8bitLt subclass, built on first use (bitsandbytes is imported lazily)
+
+
+def _linear8_class():
+    if not _LINEAR8:
+        import bitsandbytes as bnb
+
+        class Linear8bitLtBase(bnb.nn.Linear8bitLt):
+            """bitsandbytes' Linear8bitLt whose extra state-dict keys (`SCB`, `weight_format`) are also attributes:
+            torch.distributed.checkpoint's get_state_dict resolves every key of a module's state dict by getattr."""
+
+            @property
+            def SCB(self) -> torch.Tensor:  # noqa: N802 - bitsandbytes' key name
+                return int8_row_scales(self)
+
+            @property
+            def weight_format(self) -> torch.Tensor:
+                return torch.tensor(0, dtype=torch.uint8)  # bitsandbytes' "row-major" marker
+
+        _LINEAR8.append(Linear8bitLtBase)
+    return _LINEAR8[0]
+
+
+def linear_to_int8(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A frozen bnb Linear8bitLt holding `weight` (out, in) as int8 rows + fp32 row scales (SCB)."""
+    import bitsandbytes as bnb
+
+    out_f, in_f = weight.shape
+    lin = _linear8_class()(in_f, out_f, bias=bias is not None, has_fp16_weights=False,
+                           threshold=INT8_THRESHOLD, device="meta")
+    lin.weight = bnb.nn.Int8Params(weight.detach().float().cpu().clone(), requires_grad=False,
+                                   has_fp16_weights=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return lin.to(weight.device)  # .to() quantizes (row-wise absmax, like the 4-bit pack on first move)
+
+
+def linear_to_quantized(weight: torch.Tensor, bias: torch.Tensor | None, q: QuantSpec) -> nn.Module:
+    return linear_to_int8(weight, bias) if q.quant_type == "int8" else linear_to_4bit(weight, bias, q)
+
+
 def block_linears(model: nn.Module, spec) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) for every nn.Linear inside the decoder blocks (not embeddings / head)."""
     out = []
@@ -60,10 +111,10 @@ def block_linears(model: nn.Module, spec) -> list[tuple[nn.Module, str, nn.Linea
 
 
 def quantize_blocks(model: nn.Module, spec, q: QuantSpec) -> int:
-    """Replace the decoder blocks' linears by 4-bit ones (tp == 1). Returns how many were quantized."""
+    """Replace the decoder blocks' linears by quantized ones (tp == 1). Returns how many were quantized."""
     found = block_linears(model, spec)
     for parent, name, lin in found:
-        setattr(parent, name, linear_to_4bit(lin.weight, lin.bias, q))
+        setattr(parent, name, linear_to_quantized(lin.weight, lin.bias, q))
     return len(found)
 
 
@@ -76,12 +127,22 @@ def mark_for_tp_quantization(model: nn.Module, spec, q: QuantSpec) -> int:
 
 
 def is_quantized_param(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "Params4bit"
+    """A packed frozen base weight FSDP must not split (4-bit Params4bit or 8-bit Int8Params)."""
+    return type(p).__name__ in ("Params4bit", "Int8Params")
+
+
+def int8_row_scales(module: nn.Module) -> torch.Tensor:
+    """The fp32 per-row scales (absmax) of a Linear8bitLt: on the weight until the first forward, then
+    bitsandbytes moves them to the layer's matmul state."""
+    scb = getattr(module.weight, "SCB", None)
+    return scb if scb is not None else module.state.SCB
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """Full-precision weight of a (possibly 4-bit) linear."""
+    """Full-precision weight of a (possibly quantized) linear."""
     w = module.weight
+    if type(w).__name__ == "Int8Params":
+        return w.data.float() * (int8_row_scales(module).float()[:, None] / 127.0)
     if is_quantized_param(w):
         import bitsandbytes.functional as bf
 

@@ -33,11 +33,12 @@ PEFT_METHODS = ("none", "lora", "rslora", "dora", "qlora", "ia3")
 QUANT_BYTES = {
     ("nf4", False): 0.5 + 4 / 64,  # 4-bit codes + fp32 absmax per 64-block
     ("nf4", True): 0.5 + 1 / 64 + 4 / (64 * 256),  # double quant: 8-bit absmax per 64 + fp32 per 256 of those
-    ("int8", False): 1.0,  # LLM.int8: int8 codes (+ one fp32 scale per output row, added separately)
+    ("int8", False): 1.0,  # LLM.int8: int8 codes (+ one fp32 scale per output row: INT8_ROW_SCALE_BYTES)
 }
 QUANT_BYTES[("fp4", False)] = QUANT_BYTES[("nf4", False)]
 QUANT_BYTES[("fp4", True)] = QUANT_BYTES[("nf4", True)]
 QUANT_BYTES[("int8", True)] = QUANT_BYTES[("int8", False)]
+INT8_ROW_SCALE_BYTES = 4  # bitsandbytes Int8Params.SCB: the fp32 absmax of each output row
 OPTIMIZER_BYTES = {"adamw": 8.0, "adamw8bit": 2.0 + 2 * 4 / 256, "sgd": 0.0}  # 8-bit: m, v + absmax per 256
 
 
@@ -230,6 +231,7 @@ class StageParams:
     largest_layer: float
     root: float  # params outside the decoder blocks on this stage
     head: float = 0.0  # the LM head's weight on this stage (tied: the embedding's), per tp rank
+    linear_rows: float = 0.0  # output rows of the base linears on this stage, per tp rank (int8 row scales)
 
 
 def stage_layers(d: ModelDims, pp: int) -> list[int]:
@@ -248,6 +250,7 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
                            root=0.0)
     lins = layer_linears(d)
     w = sum(x.fan_in * x.fan_out for x in lins) / tp
+    rows = sum(x.fan_out / tp if x.style == "col" else x.fan_out for x in lins)
     b = sum(x.fan_out / tp if x.style == "col" else x.fan_out for x in lins if x.bias)
     per_other = b + pc.per_layer_norms
     root = 0.0
@@ -261,7 +264,18 @@ def stage_params(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int) -> S
         adapters = sum(adapter_params(x, s) for x in _targets(d, s)) * n_layers
     head_w = (pc.head or pc.vocab_embedding) / tp if last else 0.0
     return StageParams(linear_w=w * n_layers, other=per_other * n_layers + root, adapters=adapters,
-                       largest_layer=w + per_other, root=root, head=head_w)
+                       largest_layer=w + per_other, root=root, head=head_w, linear_rows=rows * n_layers)
+
+
+def largest_module_params(d: ModelDims, tp: int = 1) -> float:
+    """Parameters of the largest single module (embedding, head or one linear), per tp rank: the unit DeepSpeed
+    ZeRO-3 gathers (it fetches each module's parameters before the module runs), the `largest_layer_params` of
+    DeepSpeed's own estimator. `--params` with --layers: one block (an upper bound); without: 0.
+    (trellis' DeepSpeed config sets stage3_param_persistence_threshold = 0: no parameter stays whole.)"""
+    if d.raw_params:
+        return d.raw_params / d.layers / tp if d.layers else 0.0
+    pc = param_counts(d)
+    return max([pc.vocab_embedding, pc.head] + [x.fan_in * x.fan_out for x in layer_linears(d)]) / tp
 
 
 # ---- the estimate -----------------------------------------------------------------------------------
@@ -289,7 +303,8 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
         by: dict[str, float] = {}
         if quant != "none":
             qb = QUANT_BYTES[(quant, s.double_quant)]
-            by["4bit" if quant != "int8" else "int8"] = sp.linear_w * qb
+            by["4bit" if quant != "int8" else "int8"] = sp.linear_w * qb + (
+                sp.linear_rows * INT8_ROW_SCALE_BYTES if quant == "int8" else 0.0)
             by[_dt(store)] = by.get(_dt(store), 0.0) + sp.other * store
         else:
             by[_dt(store)] = frozen * store
@@ -305,16 +320,19 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             if z >= 1:
                 optim /= dp
             if z >= 2:
-                params, grads = params / dp, grads / dp
-                by = {k: v / dp for k, v in by.items()}
+                # the packed (4-/8-bit) base stays whole on every dp rank (FSDP2 ignored_params)
+                packed = by.get("4bit", 0.0) + by.get("int8", 0.0)
+                params, grads = packed + (params - packed) / dp, grads / dp
+                by = {k: v if k in ("4bit", "int8") else v / dp for k, v in by.items()}
         else:
             if z >= 1:
                 optim, master = optim / dp, master / dp
             if z >= 2:
-                # DeepSpeed reduces each gradient into this rank's fp32 partition (the one the fp32 master step
-                # reads; the 16-bit gradients only pass through the reduce buckets). `--params N` alone keeps
-                # the ZeRO paper's classic accounting (16-bit gradient partition, 2Ψ/Nd).
-                grads = (grads if d.raw_params else trainable * 4) / dp
+                # DeepSpeed keeps this rank's gradient partition twice at the optimizer step (measured on a
+                # live engine): the compute-dtype partition its hooks reduce into (stage 2 grads_in_partition,
+                # stage 3 grad_partitions_flat_buffer) and the fp32 copy the master step reads. `--params N`
+                # alone keeps the ZeRO paper's classic accounting (16-bit gradient partition, 2Ψ/Nd).
+                grads = (grads if d.raw_params else trainable * (c + 4)) / dp
             if z == 3:
                 params /= dp
                 by = {k: v / dp for k, v in by.items()}
@@ -330,8 +348,9 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
                 dest = "cpu_offload" if s.offload_optimizer == "cpu" else "nvme_offload"
                 setattr(r, dest, getattr(r, dest) + moved)
                 optim = master = 0.0
-                if z >= 2:  # DeepSpeed keeps the fp32 grad partitions in (pinned) host memory
-                    r.cpu_offload += trainable * 4 / dp
+                if z >= 2:  # DeepSpeed keeps the fp32 grad partitions in (pinned) host memory; stage 3's
+                    # compute-dtype partition buffer too (pinned), stage 2 copies each grad straight to fp32
+                    r.cpu_offload += trainable * (4 + (c if z == 3 and not d.raw_params else 0)) / dp
                     grads = 0.0
             if s.offload_param != "none":
                 dest = "cpu_offload" if s.offload_param == "cpu" else "nvme_offload"
@@ -341,14 +360,22 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
         r.params_by_dtype = {k: int(round(v)) for k, v in by.items()} if params else {}
         # transient buffers
         gather_b = c if mixed else 4
+        # a packed base is not FSDP-managed: nothing of it is gathered
+        gathered_w = 0.0 if quant != "none" else sp.linear_w
         if native and z == 2:
-            r.buffers += (sp.linear_w + sp.other) * gather_b  # all blocks stay gathered fwd -> bwd
+            r.buffers += (gathered_w + sp.other) * gather_b  # all blocks stay gathered fwd -> bwd
         elif native and z == 3:
-            r.buffers += (sp.root + 2 * sp.largest_layer) * gather_b
+            layer = sp.largest_layer - (sp.linear_w / max(n_layers, 1) if quant != "none" else 0.0)
+            r.buffers += (sp.root + 2 * layer) * gather_b
         elif native and mixed:
             # autocast's low-precision copies of every matmul weight (block linears, LM head, adapters), kept
             # for backward. A 4-bit base dequantizes inside each call and keeps only the packed weight.
             r.buffers += ((sp.linear_w if quant == "none" else 0.0) + sp.head + (sp.adapters if peft else 0.0)) * c
+        if not native and z == 3:
+            # ZeRO-3 working memory on the GPU, offloaded or not: the largest module's parameters gathered in
+            # the compute dtype and its compute-dtype gradients before the reduce-scatter (DeepSpeed's own
+            # "largest layer memory", 4 bytes x its params in 16-bit)
+            r.buffers += 2 * c * largest_module_params(d, s.tp)
         if s.seq_len:  # a whole training step (with only model states asked for, the classic figures)
             _activations(d, s, stage, n_layers, c, r)
             r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c)
@@ -437,10 +464,13 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
         f["params"] = f"{pb} ({s.precision} params)" + (" /Nd" if z == 3 else "") + (
             "; frozen base quantized: " + quant if quant != "none" else "")
         f["grads"] = (f"{pb} ({s.precision} grads)" if z < 2 else
-                      "4Ψ/Nd (DeepSpeed's fp32 gradient partition; classic --params accounting: " + pb + "/Nd)")
+                      f"({pb} + 4Ψ)/Nd: DeepSpeed's {s.precision} gradient partition + its fp32 copy at the step "
+                      f"(offloaded optimizer: the fp32 copy on the host; classic --params accounting: {pb}/Nd)")
         f["master_weights"] = (("4Ψ fp32 master copy" + (" /Nd" if z >= 1 else "")) if mixed else
                            ("4Ψ/Nd flat fp32 partition of DeepSpeed's ZeRO optimizer" if z >= 1 else "0 (fp32 training)"))
-        f["buffers"] = "DeepSpeed buckets not counted (reduce/allgather bucket sizes are configurable)"
+        f["buffers"] = ("ZeRO-3: largest module gathered + its 16-bit grads, 2 x compute bytes x its params "
+                        "(stays on the GPU with param offload); reduce/prefetch buckets under comm buffers"
+                        if z == 3 else "DeepSpeed buckets under comm buffers (with --seq-len)")
     f["optimizer_states"] = {"adamw": "8Ψ (Adam m, v in fp32)", "adamw8bit": "2Ψ + block constants (8-bit m, v)",
                              "sgd": "0 (no momentum)"}[s.optimizer] + (" /Nd" if z >= 1 else "")
     f["activations"] = ("per layer: family-itemized saved tensors (Korthikanti et al. 2022: sbh(34+5as/h) bytes "

@@ -29,7 +29,7 @@ import torch
 from trellis import configs
 from trellis.errors import CheckpointError, UserError
 from trellis.parallel.models import family_for
-from trellis.parallel.quant4bit import block_linears, dequantized_weight, linear_to_4bit
+from trellis.parallel.quant4bit import block_linears, dequantized_weight, linear_to_quantized
 
 from ..checkpoint import io
 from ..checkpoint.convert import full_sections, require_native
@@ -59,7 +59,7 @@ def _run_config(path: Path, meta: dict):
 
 
 def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
-    """Replace the decoder-block linears' weights by the dequantized 4-bit values training used."""
+    """Replace the decoder-block linears' weights by the dequantized 4-/8-bit values training used."""
     q = quant_spec(cfg)
     kinds = spec.tp_plan
     for block in model.get_submodule(spec.layers):
@@ -68,7 +68,7 @@ def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
             w = lin.weight.detach()
             dim = 1 if kind == "rowwise" else 0
             parts = w.chunk(tp, dim=dim) if tp > 1 else [w]
-            deq = [dequantized_weight(linear_to_4bit(p.contiguous(), None, q)) for p in parts]
+            deq = [dequantized_weight(linear_to_quantized(p.contiguous(), None, q)) for p in parts]
             with torch.no_grad():
                 lin.weight.copy_(torch.cat(deq, dim=dim))
     covered = {id(block.get_submodule(p)) for block in model.get_submodule(spec.layers) for p in kinds}

@@ -1,7 +1,8 @@
-"""QLoRA's config policy: whether and how a run's frozen decoder-block linears are quantized to 4 bit.
+"""QLoRA's config policy: whether and how a run's frozen decoder-block linears are quantized (4 bit or int8).
 
-The 4-bit linears themselves (bitsandbytes, both placements: the full linear at tp == 1, each rank's shard
-under tp > 1) are parallel/quant4bit.py; this module only turns `cfg.peft` into a `QuantSpec` (or None).
+The quantized linears themselves (bitsandbytes; 4 bit in both placements: the full linear at tp == 1, each
+rank's shard under tp > 1; int8 at tp == 1 only) are parallel/quant4bit.py; this module only turns `cfg.peft`
+into a `QuantSpec` (or None). For int8, double_quant and compute_dtype do not apply (LLM.int8 has neither).
 """
 
 from __future__ import annotations

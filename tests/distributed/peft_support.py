@@ -57,6 +57,12 @@ def reference_model(cfg, targets, tmp: Path | None = None):
     prepare_model(model, family_for(model.config.model_type))  # GPT-2: the unfused q/k/v every layout trains
     if cfg.peft.method == "qlora" and cfg.parallel.tp > 1:
         _per_shard_4bit(model, cfg.parallel.tp)
+    elif cfg.peft.quantize_base == "int8":  # HF's own 8-bit load (bitsandbytes Linear8bitLt) of the same weights
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        model.save_pretrained(str(tmp))
+        model = AutoModelForCausalLM.from_pretrained(str(tmp), quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                                     dtype=torch.float32)
     elif cfg.peft.method == "qlora":  # HF's own 4-bit load of the same weights
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -230,11 +236,32 @@ def _inspect(trainer, cfg, rank: int) -> dict:
             lg = module(input_ids=probe_ids(trainer.hf_config.vocab_size).to(trainer.ctx.device)).logits
             logits = (lg.full_tensor() if isinstance(lg, DTensor) else lg).detach().cpu().clone()
     ckpt = str(trainer.checkpointer.last_saved) if trainer.checkpointer and trainer.checkpointer.last_saved else None
-    return {"records": records, "memory": backend.memory_report(), "frozen_with_grad": frozen_with_grad,
+    return {"records": records, "memory": backend.memory_report(), "int8_base": int8_base(module),
+            "frozen_with_grad": frozen_with_grad,
             "non_adapter_in_opt": non_adapter_in_opt, "n_opt_params": len(owned), "drift": drift,
             "pp_drift": pp_drift,
             "logits": logits if rank == 0 else None, "checkpoint": ckpt, "tp": trainer.dims.tp,
             "dp": trainer.dims.dp}
+
+
+def int8_base(module) -> dict:
+    """This rank's 8-bit base as stored, read off the live bitsandbytes layers: bytes of the int8 weights and of
+    their fp32 row scales (SCB), and whether every layer holds its whole (out, in) weight with one scale a row."""
+    import bitsandbytes as bnb
+
+    out = {"layers": 0, "weight_bytes": 0, "scale_bytes": 0, "dtypes": set(), "whole": True}
+    for m in module.modules():
+        if not isinstance(m, bnb.nn.Linear8bitLt):
+            continue
+        w = m.weight
+        scb = w.SCB if getattr(w, "SCB", None) is not None else m.state.SCB
+        out["layers"] += 1
+        out["weight_bytes"] += w.numel() * w.element_size()
+        out["scale_bytes"] += scb.numel() * scb.element_size()
+        out["dtypes"] |= {str(w.dtype), f"scale {scb.dtype}"}
+        out["whole"] &= tuple(w.shape) == (m.out_features, m.in_features) and tuple(scb.shape) == (m.out_features,)
+    out["dtypes"] = sorted(out["dtypes"])
+    return out
 
 
 def _replica_drift(tensors: list[torch.Tensor], group) -> float:

@@ -24,6 +24,7 @@ Every run prints measured vs estimated numbers (pytest -s to see them).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from .harness import run_ranks
 from .workers import train_scenarios
@@ -160,9 +161,68 @@ def test_grads_are_measured_from_live_tensors():
     assert 0 < mem["grads"] == mem["live_grads_after_step"] < mem["trainable_params"], mem
 
 
+def _live_ds_grad_bytes(zero_opt) -> int:
+    """Bytes of every gradient buffer DeepSpeed's ZeRO optimizer holds, unique storages: the 16-bit partition
+    (stage 2 `grads_in_partition`, stage 3 `grad_partitions_flat_buffer`), the averaged-gradient lists, and the
+    fp32 partition gradients the inner optimizer steps on."""
+    tensors = [getattr(zero_opt, "grads_in_partition", None), getattr(zero_opt, "grad_partitions_flat_buffer", None)]
+    for group in getattr(zero_opt, "averaged_gradients", {}).values() if isinstance(
+            getattr(zero_opt, "averaged_gradients", None), dict) else []:
+        tensors += list(group or [])
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    tensors += [p.grad for g in inner.param_groups for p in g["params"]]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.numel():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
+
+
+def meter_deepspeed(trainer, rank) -> None:
+    """Scenario hook (DeepSpeed backend): activations as above, and the gradient bytes DeepSpeed really holds,
+    read from its live buffers while the inner optimizer steps (the peak: both the 16-bit and the fp32
+    partition exist then)."""
+    meter_activations(trainer, rank)
+    backend = trainer.backend
+    zero_opt = backend.engine.optimizer
+    inner = getattr(zero_opt, "optimizer", zero_opt)
+    step = inner.step
+    peaks: list[int] = []
+
+    def metered_step(*args, **kwargs):
+        peaks.append(_live_ds_grad_bytes(zero_opt))
+        return step(*args, **kwargs)
+
+    inner.step = metered_step
+    gathered: list[int] = []
+
+    def note_gathered(*_):  # ZeRO-3: parameters whose full data is present right now (gathered for compute)
+        gathered.append(sum(p.data.numel() * p.data.element_size() for p in backend.module.parameters()
+                            if hasattr(p, "ds_tensor")))
+
+    for m in backend.module.modules():
+        m.register_forward_hook(note_gathered)
+        m.register_full_backward_hook(note_gathered)
+    report = backend.memory_report
+
+    def memory_report() -> dict:
+        out = report()
+        if peaks and out["zero_stage"] >= 2:  # below stage 2 the model's own .grad tensors are the gradients
+            out = {**out, "grads": max(peaks)}
+        if out["zero_stage"] == 3:  # persistent params: the whole tensor lives next to its partition
+            whole = sum(p.data.numel() * p.data.element_size() for p in backend.module.parameters()
+                        if getattr(p, "ds_persist", False))
+            out = {**out, "params": out["params"] + whole, "persistent_params": whole,
+                   "gathered_peak": max(gathered, default=0)}
+        return out
+
+    backend.memory_report = memory_report
+
+
 @pytest.fixture(scope="module")
 def ds_runs():
-    scenarios = [{"overrides": {**BASE, "parallel.dp": 2, **ov}, "hook": meter_activations} for ov in DS_CASES.values()]
+    scenarios = [{"overrides": {**BASE, "parallel.dp": 2, **ov}, "hook": meter_deepspeed} for ov in DS_CASES.values()]
     per_rank = run_ranks(2, train_scenarios, scenarios, timeout=550)
     return {name: [per_rank[r][i]["memory"] for r in range(2)] for i, name in enumerate(DS_CASES)}
 
@@ -238,3 +298,22 @@ def test_deepspeed_activations_match_saved_tensors(ds_runs, name):
     for rank, mem in enumerate(ds_runs[name]):
         bad += _check_activations(f"dp2 {name:16s} rank{rank}", setup, mem)
     assert not bad, "; ".join(bad)
+
+
+@pytest.mark.parametrize("name", [n for n in DS_CASES if n.endswith("zero3")])
+def test_deepspeed_zero3_working_memory(ds_runs, name):
+    """ZeRO-3's gathered parameters (full data present at a module's forward / backward, read from the live
+    engine) against the estimator's working-memory term (the largest module gathered)."""
+    from trellis.engine.memory.estimator import DTYPE_BYTES, largest_module_params
+    from trellis.engine.memory.models import resolve_model, total_params
+
+    d = resolve_model("tiny-llama")
+    c = DTYPE_BYTES[DS_CASES[name]["precision.dtype"]]
+    for rank, mem in enumerate(ds_runs[name]):
+        print(f"dp2 {name} rank{rank}: gathered peak {mem['gathered_peak']} B; largest module "
+              f"{largest_module_params(d) * c:.0f} B; whole model {total_params(d) * c} B; "
+              f"persistent {mem['persistent_params']}")
+        assert mem["persistent_params"] == 0  # trellis' config: stage3_param_persistence_threshold = 0
+        # the gathered half of the estimator's working memory (2 x c x largest module; the other half is that
+        # module's compute-dtype gradients, not read here)
+        assert mem["gathered_peak"] == largest_module_params(d) * c

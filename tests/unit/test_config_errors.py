@@ -45,6 +45,8 @@ BAD_OVERRIDES = [
     ("--checkpoint.on_save_error=retry", "checkpoint.on_save_error"),
     ("--launcher.master_port=70000", "launcher.master_port"),
     ("--zero.backend=deepspeed --parallel.tp=2", "zero.backend"),
+    ("--peft.method=lora --peft.quantize_base=int8 --parallel.dp=1 --parallel.tp=2", "peft.quantize_base='int8' with parallel.tp=2"),
+    ("--peft.method=lora --peft.quantize_base=int8 --zero.backend=deepspeed", "peft.quantize_base='int8' needs zero.backend='native'"),
 ]
 
 

@@ -175,3 +175,24 @@ def test_mixed_precision_regimes_llama_layer_hand_derived():
     for mode, want in (("autocast", autocast), ("cast", cast)):
         got = per_layer_bytes(d, tokens=1, seq=1, tp=1, sp=False, act_bytes=2, ckpt="none", mode=mode)["kept"]
         assert got == want, (mode, got, want)
+
+
+def test_int8_base_bytes_equal_bitsandbytes_layers(tmp_path):
+    """The estimator's int8 line vs the bytes of bitsandbytes' own 8-bit load (HF `load_in_8bit`, no trellis
+    code) of the tiny Llama: int8 weights + fp32 row scales (SCB) of every decoder-block Linear8bitLt."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from trellis.configs import PRESET_DIR
+
+    hf = json.loads((PRESET_DIR / "models" / "tiny-llama" / "config.json").read_text())
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in hf.items() if k != "architectures"})).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    layers = [m for m in model.model.layers.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    measured = sum(m.weight.numel() * m.weight.element_size() + m.weight.SCB.numel() * m.weight.SCB.element_size()
+                   for m in layers)
+    assert layers and all(m.weight.dtype == torch.int8 and m.weight.SCB.dtype == torch.float32 for m in layers)
+    est = estimate(resolve_model("tiny-llama"), TrainingSetup(backend="native", peft="lora", quant="int8"))
+    assert est.ranks[0].params_by_dtype["int8"] == measured

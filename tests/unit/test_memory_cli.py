@@ -73,3 +73,24 @@ def test_interleaved_1f1b_is_accepted_and_named(capsys):
                  "--pp-schedule", "interleaved_1f1b"]) == 0
     with pytest.raises(ConfigError, match="use 1f1b, gpipe, interleaved_1f1b|use gpipe, 1f1b, interleaved_1f1b"):
         estimate(resolve_model("tiny-llama"), TrainingSetup(pp=2, grad_accum=2, pp_schedule="zb"))
+
+
+def test_explain_prints_deepspeed_estimator_side_by_side(capsys):
+    """--backend deepspeed --explain at ZeRO-3 + full offload, 4 nodes x 8: DeepSpeed's own figure (its function
+    called here directly, largest layer = Llama-2-7B's embedding, 32000 x 4096) next to trellis', which is no
+    longer 0 on the GPU (the gathered largest module and its bf16 grads)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    from trellis.commands.memory import fmt
+    from trellis.engine.memory.models import resolve_model, total_params
+
+    args = ["estimate-memory", "--model", "llama-2-7b", "--backend", "deepspeed", "--dp", "32", "--zero", "3",
+            "--precision", "bf16", "--offload-optimizer", "cpu", "--offload-param", "cpu", "--explain"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total_params(resolve_model("llama-2-7b")), 32000 * 4096,
+                                                        num_gpus_per_node=8, num_nodes=4)
+    row = next(line for line in out.splitlines() if line.strip().startswith("per GPU"))
+    assert "vs DeepSpeed's own estimator (estimate_zero3_model_states_mem_needs, 4 node(s) x 8 GPUs" in out
+    assert row.split()[-2:] == fmt(gpu).split() and row.split()[-4:-2] == fmt(2 * 2 * 32000 * 4096).split()
+    assert fmt(cpu) in out

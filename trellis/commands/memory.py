@@ -205,7 +205,46 @@ def render(est, explain: bool = False) -> str:
         lines.append("")
         lines.append("formulas (Ψ = trainable params on this rank's tp/pp shard, Nd = dp):")
         lines += [f"  {k:<17} {v}" for k, v in est.formulas.items()]
+        lines += deepspeed_side_by_side(est)
     return "\n".join(lines)
+
+
+def model_states_gpu(r) -> float:
+    """GPU bytes of the model states (what DeepSpeed's estimator covers): params, grads, optimizer state,
+    master weights and the ZeRO-3 working memory (buffers of a model-states-only estimate)."""
+    return r.params + r.grads + r.optimizer_states + r.master_weights + r.buffers
+
+
+def deepspeed_side_by_side(est) -> list[str]:
+    """--explain with --backend deepspeed at ZeRO-2/3: trellis' figures next to DeepSpeed's own estimator."""
+    import dataclasses
+    import math
+
+    from trellis.engine.memory.estimator import estimate, largest_module_params
+    from trellis.engine.memory.models import total_params
+
+    d, s = est.dims, est.setup
+    if s.backend != "deepspeed" or s.zero not in (2, 3) or s.tp * s.pp != 1 or s.peft != "none":
+        return []
+    try:
+        from trellis.engine.backends.deepspeed_estimator import deepspeed_estimate
+    except ImportError:
+        return ["", "DeepSpeed's own estimator: deepspeed is not installed (pip install deepspeed)"]
+    per_node = min(s.gpus_per_node, s.world)
+    nodes = math.ceil(s.world / per_node)
+    ds = deepspeed_estimate(total_params=total_params(d), largest_layer_params=int(largest_module_params(d)),
+                            gpus_per_node=per_node, nodes=nodes, zero=s.zero,
+                            offload_optimizer=s.offload_optimizer != "none", offload_param=s.offload_param != "none")
+    mine = estimate(d, dataclasses.replace(s, seq_len=0))  # model states only, as DeepSpeed's formula
+    w = mine.worst_rank
+    fn = "estimate_zero3_model_states_mem_needs" if s.zero == 3 else "estimate_zero2_model_states_mem_needs"
+    return ["", f"vs DeepSpeed's own estimator ({fn}, {nodes} node(s) x {per_node} GPUs; model states only; "
+                "its CPU figure includes its 1.5x buffer factor):",
+            f"  {'':<22}{'trellis':>14}{'DeepSpeed':>14}",
+            f"  {'per GPU':<22}{fmt(model_states_gpu(w)):>14}{fmt(ds.gpu_bytes):>14}",
+            f"  {'CPU per node':<22}{fmt(mine.host_ram_per_node()):>14}{fmt(ds.cpu_bytes):>14}",
+            "  trellis counts what a live DeepSpeed engine allocates (validated on CPU): the gradient partition "
+            "twice at the step (compute dtype + fp32), the ZeRO-3 largest module gathered + its grads"]
 
 
 def _plan(args) -> int:
