@@ -228,6 +228,13 @@ class LoggingConfig:
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     log_interval: int = 1
     tensorboard_dir: str = ""
+    # Weights & Biases project ("" = off; extra `trellis-train[wandb]`). WANDB_MODE=offline works without network.
+    wandb_project: str = ""
+    # MLflow tracking URI ("" = off; extra `trellis-train[mlflow]`): http(s)://server, sqlite:///runs/mlflow.db, ...
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "trellis"
+    # The run's name in W&B and MLflow ("" = theirs).
+    run_name: str = ""
 
 
 @dataclass(kw_only=True)

@@ -299,9 +299,20 @@ def _checkpoint(cfg: TrainConfig) -> list[str]:
     return e
 
 
+# Tracking backends: key -> (module that must be importable, the extra that installs it).
+TRACKERS = {"wandb_project": ("wandb", "wandb"), "mlflow_tracking_uri": ("mlflow", "mlflow")}
+
+
 def _logging(cfg: TrainConfig) -> list[str]:
+    import importlib.util
+
     n = cfg.logging.log_interval
-    return [f"logging.log_interval={n}: must be >= 1"] if n < 1 else []
+    e = [f"logging.log_interval={n}: must be >= 1"] if n < 1 else []
+    for key, (module, extra) in TRACKERS.items():
+        if getattr(cfg.logging, key) and importlib.util.find_spec(module) is None:  # found, not imported
+            e.append(f"logging.{key} needs the {module} package: pip install 'trellis-train[{extra}]' "
+                     f"(or unset logging.{key})")
+    return e
 
 
 def _launcher(cfg: TrainConfig) -> list[str]:
