@@ -206,6 +206,9 @@ class Progress:
             self._bar.stop()
 
 
+SUMMARY_WIDTH = 120  # the end-of-run summary fits a 120-column terminal
+
+
 def print_summary(summary: dict, memory_table: list[dict] | None = None, file=sys.stderr) -> None:
     """One screen at the end of a run."""
     lines = ["", "─" * 72, "trellis run summary", "─" * 72]
@@ -218,14 +221,36 @@ def print_summary(summary: dict, memory_table: list[dict] | None = None, file=sy
                 v = f"{v:.4f}" if "loss" in k else f"{v:.2f}"
             lines.append(f"  {k:<14} {v}")
     if memory_table:
-        cols = [c for c in memory_table[0] if c != "rank"]
         lines.append("")
-        lines.append("  per-rank memory " + "  ".join(f"{c:>14}" for c in cols))
-        for row in memory_table:
-            lines.append(f"  rank {row['rank']:<10} " + "  ".join(
-                f"{fmt_bytes(row[c]) if isinstance(row[c], (int, float)) else str(row[c]):>14}" for c in cols))
+        lines += memory_table_lines(memory_table)
     lines.append("─" * 72)
     print("\n".join(lines), file=file, flush=True)
+
+
+def memory_table_lines(rows: list[dict], width: int = SUMMARY_WIDTH) -> list[str]:
+    """The per-rank memory table in human units, every line <= `width` columns: each column as wide as its
+    widest cell, the PEFT split (base, adapter) left out when it is 0 on every rank, and the columns
+    continued in a second block (rank column repeated) if they still do not fit."""
+    cols = [c for c in rows[0] if c != "rank" and (c not in ("base", "adapter") or any(r.get(c) for r in rows))]
+
+    def cell(v) -> str:
+        return fmt_bytes(v) if isinstance(v, (int, float)) else str(v)
+
+    label = [f"rank {r['rank']}" for r in rows]
+    lw = max(len("memory"), *(len(x) for x in label))
+    cw = {c: max(len(c), *(len(cell(r.get(c, 0))) for r in rows)) for c in cols}
+    blocks: list[list[str]] = [[]]
+    for c in cols:  # greedy: as many columns per block as fit
+        used = 2 + lw + sum(2 + cw[k] for k in blocks[-1])
+        if blocks[-1] and used + 2 + cw[c] > width:
+            blocks.append([])
+        blocks[-1].append(c)
+    out: list[str] = []
+    for block in blocks:
+        out.append("  " + "memory".ljust(lw) + "".join("  " + c.rjust(cw[c]) for c in block))
+        for name, r in zip(label, rows):
+            out.append("  " + name.ljust(lw) + "".join("  " + cell(r.get(c, 0)).rjust(cw[c]) for c in block))
+    return out
 
 
 class StepTimer:
