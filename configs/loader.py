@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import tomllib
 import typing
@@ -215,6 +216,49 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
+BATCH_FIELDS = ("train.micro_batch_size", "train.grad_accum", "train.global_batch_size")
+
+
+def _layer_batch_fields(values: dict[str, Any], from_json: dict[str, Any], from_cli: dict[str, Any]) -> list[str]:
+    """TOML < JSON < CLI for the three batch fields, which constrain each other (global = micro x accum x dp): a
+    field a higher layer did not give is derived from the ones it did, as DeepSpeed derives it, instead of
+    contradicting them. The JSON's train_batch_size with only its micro batch derives grad_accum (the TOML's is
+    replaced); a CLI micro batch or grad_accum re-derives the JSON's global batch. Edits `values`; returns
+    errors."""
+    rank = {k: 2 if k in from_cli else 1 if k in from_json else 0 for k in BATCH_FIELDS}
+    mb, ga, gb = BATCH_FIELDS
+    if rank[gb] == 0:
+        return []
+    if rank[gb] < max(rank[mb], rank[ga]):  # the CLI changed the micro batch or accumulation: global follows
+        values.pop(gb, None)
+        return []
+    if rank[ga] < rank[gb] or rank[mb] < rank[gb]:
+        derive = ga if rank[ga] <= rank[mb] else mb
+        other = mb if derive == ga else ga
+        dp = _resolved_dp(values)
+        given = int(values.get(other, getattr(TrainConfig().train, other.split(".")[1])))
+        if dp is None:
+            return [f"{gb}={values[gb]} (--deepspeed train_batch_size) needs parallel.dp set (not -1) to derive {derive}; "
+                    f"set parallel.dp, or give {derive} in the JSON"]
+        q, r = divmod(int(values[gb]), max(given, 1) * dp)
+        if r or q < 1:
+            return [f"{gb}={values[gb]} is not a multiple of {other}={given} x parallel.dp={dp}; change one of them"]
+        values[derive] = q
+    return []
+
+
+def _resolved_dp(values: dict[str, Any]) -> int | None:
+    """parallel.dp, with -1 resolved from the launcher's WORLD_SIZE (else trellis starts pp x tp ranks: dp 1)."""
+    dp = int(values.get("parallel.dp", TrainConfig().parallel.dp))
+    if dp > 0:
+        return dp
+    tp, pp = int(values.get("parallel.tp", 1)), int(values.get("parallel.pp", 1))
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return 1
+    return int(world) // (tp * pp) if int(world) % (tp * pp) == 0 else None
+
+
 def load(path: str | dict | None = None, overrides: list[str] | dict[str, Any] | None = None,
          deepspeed_json: str | None = None) -> TrainConfig:
     """Config file (or preset, or a {section: {key: value}} dict as TOML would give) + optional DeepSpeed JSON
@@ -231,17 +275,26 @@ def load(path: str | dict | None = None, overrides: list[str] | dict[str, Any] |
         p = resolve_config_path(path)
         source = str(p)
         values.update(_flatten(read_toml(p), errors))
+    from_json: dict[str, Any] = {}
     if deepspeed_json:
         try:
-            values.update(map_deepspeed_json(deepspeed_json))
+            from_json = map_deepspeed_json(deepspeed_json)
         except ConfigError as e:
             errors.extend(e.messages)
+        values.update(from_json)
+    from_cli: dict[str, Any] = {}
     if isinstance(overrides, dict):
-        values.update(overrides)
+        from_cli = dict(overrides)
     elif overrides:
-        ov, ov_errors = parse_overrides(overrides)
+        from_cli, ov_errors = parse_overrides(overrides)
         errors.extend(ov_errors)
-        values.update(ov)
+    values.update(from_cli)
+    for layer, above in ((from_json, from_cli), (from_cli, {})):  # a floor set in a higher layer replaces
+        for key, other in (("train.min_lr", "train.min_lr_ratio"), ("train.min_lr_ratio", "train.min_lr")):
+            if key in layer and other not in layer and other not in above:  # the other form of it below
+                values.pop(other, None)  # e.g. --train.min_lr=0 on a preset with min_lr_ratio: no floor
+    if from_json:
+        errors.extend(_layer_batch_fields(values, from_json, from_cli))
     try:
         cfg = build(values, source)
     except ConfigError as e:

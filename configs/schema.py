@@ -127,6 +127,8 @@ class TrainLoopConfig:
     epochs: int = 0
     lr: float = 3e-4
     min_lr: float = 0.0
+    # The floor as a fraction of lr, used when min_lr is 0: 0.1 decays to lr / 10 whatever lr a JSON or override sets.
+    min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"

@@ -114,7 +114,11 @@ def _train(cfg: TrainConfig) -> list[str]:
     if t.lr <= 0:
         e.append(f"train.lr={t.lr}: must be > 0")
     if t.min_lr < 0 or t.min_lr > t.lr:
-        e.append(f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}")
+        e.append(f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}; or set train.min_lr_ratio "
+                 "(a fraction of train.lr) instead")
+    if not 0 <= t.min_lr_ratio <= 1:
+        e.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be between 0 and 1 (a fraction of train.lr)")
+
     if t.warmup_steps < 0:
         e.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     if t.grad_clip < 0:
