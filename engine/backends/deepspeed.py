@@ -121,15 +121,11 @@ def build_ds_config(cfg, dp: int) -> dict:
     if not cfg.zero.deepspeed_config:
         return ours
     user = json.loads(Path(cfg.zero.deepspeed_config).read_text())
-    for old, new in DS_ALIASES.items():  # "bfloat16" -> "bf16": one spelling, so "auto" filling and checks see it
-        if old in user and new not in user:
-            user[new] = user.pop(old)
-    # The batch fields were layered TOML < JSON < CLI by configs.load (a JSON train_batch_size derives grad_accum,
-    # a CLI grad_accum re-derives the global batch): the trellis config holds the result. Its global batch (the
-    # JSON's train_batch_size unless the CLI re-derived it) is still checked against the real dp below.
+    user = {DS_ALIASES.get(k, k) if DS_ALIASES.get(k) not in user else k: v for k, v in user.items()}  # bfloat16
+    # Batch fields: configs.load layered them TOML < JSON < CLI; the global batch is checked against the real dp.
     t = cfg.train
-    user["train_micro_batch_size_per_gpu"], user["gradient_accumulation_steps"] = t.micro_batch_size, t.grad_accum
-    user["train_batch_size"] = t.global_batch_size or t.micro_batch_size * t.grad_accum * dp
+    user.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+                train_batch_size=t.global_batch_size or t.micro_batch_size * t.grad_accum * dp)
     ds = _fill_auto(user, ours)
     # A user scheduler would fight the Trainer's LR schedule (set every step); configs/deepspeed_json.py
     # already mapped it onto train.schedule/warmup/lr, so it is honoured through the Trainer instead.
@@ -163,39 +159,6 @@ def _check_consistent(ds: dict, cfg, dp: int) -> None:
                       "or set the JSON's 'enabled' to 'auto'")
     if errors:
         raise ConfigError(errors)
-
-
-def preflight_ds_config(cfg, world_size: int | None = None) -> dict:
-    """Validate the DeepSpeed config this run will hand to `deepspeed.initialize` with DeepSpeed's own config
-    model, in the launching process before any rank starts (trellis' own spawn, `trellis launch`, Slurm), so a
-    bad field is one line naming it, exit 2, instead of the same traceback on every rank. "auto" is resolved
-    first (build_ds_config) and the world size too: dp from parallel.dp, or from WORLD_SIZE / `world_size` when
-    it is -1 (else 1, what trellis' own spawn starts). DeepSpeed's model, outside a process group, checks the
-    batch arithmetic for one rank, so it sees the per-dp-rank train_batch_size (the dp product was checked by
-    _check_consistent). Returns the checked config."""
-    tp, pp = max(cfg.parallel.tp, 1), max(cfg.parallel.pp, 1)
-    dp = cfg.parallel.dp
-    if dp < 1:
-        world = world_size or int(os.environ.get("WORLD_SIZE", tp * pp))
-        dp = max(world // (tp * pp), 1)
-    ds = build_ds_config(cfg, dp)
-    ds_ops.use_project_extensions_dir()
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    one_rank = copy.deepcopy(ds)
-    one_rank["train_batch_size"] = ds["train_batch_size"] // dp
-    source = cfg.zero.deepspeed_config
-    try:
-        DeepSpeedConfig(one_rank)
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
-        if hasattr(e, "errors") and hasattr(e, "title"):
-            raise ConfigError(ds_validation_messages(e, source)) from None
-        raise ConfigError(f"--deepspeed {source or '(built by trellis)'}: DeepSpeed refuses the config: "
-                          f"{str(e).splitlines()[0]}") from None
-    except AssertionError as e:
-        raise ConfigError(f"--deepspeed {source or '(built by trellis)'}: DeepSpeed refuses the config: "
-                          f"{str(e).splitlines()[0] if str(e) else 'a sanity check failed'}") from None
-    return ds
 
 
 # ---- precision support (checked before any rank trains) ------------------------------------------------
@@ -250,6 +213,8 @@ class DeepSpeedBackend(Backend):
     @classmethod
     def check_supported(cls, cfg) -> None:
         check_precision_supported(cfg)  # e.g. fp16 on a CPU without fp16 support
+        from .deepspeed_config import preflight_ds_config  # DeepSpeed's own config model, before ranks start
+
         preflight_ds_config(cfg)
 
     def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):

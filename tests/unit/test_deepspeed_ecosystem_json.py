@@ -11,7 +11,7 @@ import json
 import pytest
 
 from trellis import configs
-from trellis.engine.backends import deepspeed as dsb
+from trellis.engine.backends import deepspeed_config as dsb
 from trellis.engine.optim import lr_at
 from trellis.errors import ConfigError
 
