@@ -222,17 +222,18 @@ BATCH_FIELDS = ("train.micro_batch_size", "train.grad_accum", "train.global_batc
 def _layer_batch_fields(values: dict[str, Any], from_json: dict[str, Any], from_cli: dict[str, Any]) -> list[str]:
     """TOML < JSON < CLI for the three batch fields, which constrain each other (global = micro x accum x dp): a
     field a higher layer did not give is derived from the ones it did, as DeepSpeed derives it, instead of
-    contradicting them. The JSON's train_batch_size with only its micro batch derives grad_accum (the TOML's is
-    replaced); a CLI micro batch or grad_accum re-derives the JSON's global batch. Edits `values`; returns
-    errors."""
+    contradicting them: the lowest-ranked of the three is derived from the other two. The JSON's train_batch_size
+    with its micro batch derives grad_accum (the TOML's is replaced), also when the CLI sets the micro batch; a CLI
+    grad_accum (or both) re-derives the global batch; all three from one layer are checked. Edits `values`."""
     rank = {k: 2 if k in from_cli else 1 if k in from_json else 0 for k in BATCH_FIELDS}
     mb, ga, gb = BATCH_FIELDS
     if rank[gb] == 0:
         return []
-    if rank[gb] < max(rank[mb], rank[ga]):  # the CLI changed the micro batch or accumulation: global follows
+    lo, hi = min(rank[mb], rank[ga]), max(rank[mb], rank[ga])
+    if rank[gb] < lo or (rank[gb] == lo < hi):  # the CLI set the micro batch and/or accumulation: global follows
         values.pop(gb, None)
         return []
-    if rank[ga] < rank[gb] or rank[mb] < rank[gb]:
+    if rank[gb] > lo:  # e.g. the JSON's train_batch_size over the TOML's grad_accum: derive the lowest-ranked one
         derive = ga if rank[ga] <= rank[mb] else mb
         other = mb if derive == ga else ga
         dp = _resolved_dp(values)

@@ -90,10 +90,13 @@ def test_tutorial_zero2_json_is_accepted_and_its_train_batch_size_overrides_the_
     ds = dsb.preflight_ds_config(cfg)
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, 4)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 2e8
-    # CLI > JSON: a command-line grad_accum re-derives the JSON's global batch instead of contradicting it
+    # CLI > JSON: a command-line grad_accum re-derives the JSON's global batch instead of contradicting it ...
     cli = _load(tmp_path, TUTORIAL_ZERO2, {"train.grad_accum": 1})
     assert (cli.train.grad_accum, cli.train.global_batch_size) == (1, 0)
     assert dsb.preflight_ds_config(cli)["train_batch_size"] == 4
+    # ... and a command-line micro batch keeps the JSON's global batch (over the TOML's grad_accum)
+    cli = _load(tmp_path, TUTORIAL_ZERO2, {"train.micro_batch_size": 1})
+    assert (cli.train.micro_batch_size, cli.train.grad_accum, cli.train.global_batch_size) == (1, 8, 16)
 
 
 def test_transformers_docs_zero3_auto_json_is_accepted_unchanged(tmp_path):
