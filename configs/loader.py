@@ -239,11 +239,12 @@ def _layer_batch_fields(values: dict[str, Any], from_json: dict[str, Any], from_
         dp = _resolved_dp(values)
         given = int(values.get(other, getattr(TrainConfig().train, other.split(".")[1])))
         if dp is None:
-            return [f"{gb}={values[gb]} (--deepspeed train_batch_size) needs parallel.dp set (not -1) to derive {derive}; "
-                    f"set parallel.dp, or give {derive} in the JSON"]
+            return [f"{gb}={values.pop(gb)} (--deepspeed train_batch_size) needs parallel.dp set (not -1) to derive "
+                    f"{derive}; set parallel.dp, or give {derive} in the JSON"]
         q, r = divmod(int(values[gb]), max(given, 1) * dp)
         if r or q < 1:
-            return [f"{gb}={values[gb]} is not a multiple of {other}={given} x parallel.dp={dp}; change one of them"]
+            msg = f"{gb}={values.pop(gb)} (--deepspeed train_batch_size) is not a multiple of {other}={given} x "
+            return [msg + f"parallel.dp={dp}; change one of them"]  # popped: the global-batch rule would repeat it
         values[derive] = q
     return []
 

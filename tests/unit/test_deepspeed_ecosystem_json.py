@@ -105,7 +105,8 @@ def test_transformers_docs_zero3_auto_json_is_accepted_unchanged(tmp_path):
     toml = configs.load("tiny-llama").train
     assert (cfg.train.micro_batch_size, cfg.train.grad_accum) == (toml.micro_batch_size, toml.grad_accum)  # "auto"
     ds = dsb.preflight_ds_config(cfg)
-    assert ds["train_batch_size"] == toml.micro_batch_size * toml.grad_accum * 2 and ds["zero_optimization"]["stage"] == 3
+    assert ds["train_batch_size"] == toml.micro_batch_size * toml.grad_accum * 2
+    assert ds["zero_optimization"]["stage"] == 3
 
 
 def test_deepspeed_chat_json_with_bfloat16_and_a_disabled_hybrid_engine_is_accepted(tmp_path):
