@@ -22,6 +22,11 @@ _PASS_THROUGH = {
     "zero_force_ds_cpu_optimizer", "data_types", "comms_logger", "flops_profiler", "tensorboard",
     "csv_monitor", "wandb", "torch_autocast",
 }
+# Fields about tensor / pipeline / sequence parallelism: the native backend does these (parallel.tp / parallel.pp).
+_PARALLEL_FIELDS = {"tensor_parallel", "pipeline", "pipeline_parallel_size", "sequence_parallel_size", "autotp_size",
+                    "zero_optimization.mics_shard_size"}
+# Documented aliases DeepSpeed still reads (deepspeed/runtime/config.py: BFLOAT16_OLD).
+ALIASES = {"bfloat16": "bf16"}
 _OPTIMIZERS = {"adam": "adamw", "adamw": "adamw", "sgd": "sgd"}
 _SCHEDULERS = {"warmuplr": "constant", "warmupdecaylr": "linear", "warmupcosinelr": "cosine"}
 _DEVICES = ("none", "cpu", "nvme")
@@ -50,6 +55,9 @@ def map_deepspeed_json(path: str) -> dict[str, Any]:
             out[key] = value
 
     for k, v in ds.items():
+        k = ALIASES.get(k, k)
+        if isinstance(v, dict) and v.get("enabled") in (False, "false") and k not in ("fp16", "bf16"):
+            continue  # a disabled section (DeepSpeed-Chat's hybrid_engine, ...) asks for nothing
         if k == "train_micro_batch_size_per_gpu":
             put("train.micro_batch_size", v)
         elif k == "gradient_accumulation_steps":
@@ -68,9 +76,12 @@ def map_deepspeed_json(path: str) -> dict[str, Any]:
             _map_scheduler(v, put, errors)
         elif k in _PASS_THROUGH:
             pass  # honoured by DeepSpeed from the unchanged JSON
-        else:
+        elif k in _PARALLEL_FIELDS:
             errors.append(f"--deepspeed {p.name}: field {k!r} cannot be honoured by trellis; remove it "
                           "(tensor/pipeline parallel come from parallel.tp / parallel.pp with the native backend)")
+        else:
+            errors.append(f"--deepspeed {p.name}: field {k!r} is not one trellis maps or hands to DeepSpeed; remove "
+                          'it, or set "enabled": false if it is a section')
     if errors:
         raise ConfigError(errors)
     return out
@@ -183,5 +194,5 @@ def _map_scheduler(sec: Any, put, errors: list[str]) -> None:
                 errors.append(f"scheduler.params.warmup_type={v!r}: trellis warms up linearly")
         else:
             errors.append(f"scheduler.params.{k}: not supported by trellis; remove it")
-    if "cos_min_ratio" in params and "warmup_max_lr" in params and not _is_auto(params["warmup_max_lr"]):
-        put("train.min_lr", params["cos_min_ratio"] * params["warmup_max_lr"])
+    if "cos_min_ratio" in params:
+        put("train.min_lr_ratio", params["cos_min_ratio"])

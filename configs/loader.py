@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import difflib
 import tomllib
 import typing
@@ -215,6 +216,51 @@ def read_toml(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
 
 
+BATCH_FIELDS = ("train.micro_batch_size", "train.grad_accum", "train.global_batch_size")
+
+
+def _layer_batch_fields(values: dict[str, Any], from_json: dict[str, Any], from_cli: dict[str, Any]) -> list[str]:
+    """TOML < JSON < CLI for the three batch fields, which constrain each other (global = micro x accum x dp): a
+    field a higher layer did not give is derived from the ones it did, as DeepSpeed derives it, instead of
+    contradicting them: the lowest-ranked of the three is derived from the other two. The JSON's train_batch_size
+    with its micro batch derives grad_accum (the TOML's is replaced), also when the CLI sets the micro batch; a CLI
+    grad_accum (or both) re-derives the global batch; all three from one layer are checked. Edits `values`."""
+    rank = {k: 2 if k in from_cli else 1 if k in from_json else 0 for k in BATCH_FIELDS}
+    mb, ga, gb = BATCH_FIELDS
+    if rank[gb] == 0:
+        return []
+    lo, hi = min(rank[mb], rank[ga]), max(rank[mb], rank[ga])
+    if rank[gb] < lo or (rank[gb] == lo < hi):  # the CLI set the micro batch and/or accumulation: global follows
+        values.pop(gb, None)
+        return []
+    if rank[gb] > lo:  # e.g. the JSON's train_batch_size over the TOML's grad_accum: derive the lowest-ranked one
+        derive = ga if rank[ga] <= rank[mb] else mb
+        other = mb if derive == ga else ga
+        dp = _resolved_dp(values)
+        given = int(values.get(other, getattr(TrainConfig().train, other.split(".")[1])))
+        if dp is None:
+            return [f"{gb}={values.pop(gb)} (--deepspeed train_batch_size) needs parallel.dp set (not -1) to derive "
+                    f"{derive}; set parallel.dp, or give {derive} in the JSON"]
+        q, r = divmod(int(values[gb]), max(given, 1) * dp)
+        if r or q < 1:
+            msg = f"{gb}={values.pop(gb)} (--deepspeed train_batch_size) is not a multiple of {other}={given} x "
+            return [msg + f"parallel.dp={dp}; change one of them"]  # popped: the global-batch rule would repeat it
+        values[derive] = q
+    return []
+
+
+def _resolved_dp(values: dict[str, Any]) -> int | None:
+    """parallel.dp, with -1 resolved from the launcher's WORLD_SIZE (else trellis starts pp x tp ranks: dp 1)."""
+    dp = int(values.get("parallel.dp", TrainConfig().parallel.dp))
+    if dp > 0:
+        return dp
+    tp, pp = int(values.get("parallel.tp", 1)), int(values.get("parallel.pp", 1))
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return 1
+    return int(world) // (tp * pp) if int(world) % (tp * pp) == 0 else None
+
+
 def load(path: str | dict | None = None, overrides: list[str] | dict[str, Any] | None = None,
          deepspeed_json: str | None = None) -> TrainConfig:
     """Config file (or preset, or a {section: {key: value}} dict as TOML would give) + optional DeepSpeed JSON
@@ -231,17 +277,26 @@ def load(path: str | dict | None = None, overrides: list[str] | dict[str, Any] |
         p = resolve_config_path(path)
         source = str(p)
         values.update(_flatten(read_toml(p), errors))
+    from_json: dict[str, Any] = {}
     if deepspeed_json:
         try:
-            values.update(map_deepspeed_json(deepspeed_json))
+            from_json = map_deepspeed_json(deepspeed_json)
         except ConfigError as e:
             errors.extend(e.messages)
+        values.update(from_json)
+    from_cli: dict[str, Any] = {}
     if isinstance(overrides, dict):
-        values.update(overrides)
+        from_cli = dict(overrides)
     elif overrides:
-        ov, ov_errors = parse_overrides(overrides)
+        from_cli, ov_errors = parse_overrides(overrides)
         errors.extend(ov_errors)
-        values.update(ov)
+    values.update(from_cli)
+    for layer, above in ((from_json, from_cli), (from_cli, {})):  # a floor set in a higher layer replaces
+        for key, other in (("train.min_lr", "train.min_lr_ratio"), ("train.min_lr_ratio", "train.min_lr")):
+            if key in layer and other not in layer and other not in above:  # the other form of it below
+                values.pop(other, None)  # e.g. --train.min_lr=0 on a preset with min_lr_ratio: no floor
+    if from_json:
+        errors.extend(_layer_batch_fields(values, from_json, from_cli))
     try:
         cfg = build(values, source)
     except ConfigError as e:

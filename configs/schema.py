@@ -127,6 +127,8 @@ class TrainLoopConfig:
     epochs: int = 0
     lr: float = 3e-4
     min_lr: float = 0.0
+    # The floor as a fraction of lr, used when min_lr is 0: 0.1 decays to lr / 10 whatever lr a JSON or override sets.
+    min_lr_ratio: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
@@ -232,6 +234,13 @@ class LoggingConfig:
     progress: Literal["auto", "rich", "plain", "none"] = "auto"
     log_interval: int = 1
     tensorboard_dir: str = ""
+    # Weights & Biases project ("" = off; extra `trellis-train[wandb]`). WANDB_MODE=offline works without network.
+    wandb_project: str = ""
+    # MLflow tracking URI ("" = off; extra `trellis-train[mlflow]`): http(s)://server, sqlite:///runs/mlflow.db, ...
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "trellis"
+    # The run's name in W&B and MLflow ("" = theirs).
+    run_name: str = ""
 
 
 @dataclass(kw_only=True)

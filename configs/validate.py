@@ -114,7 +114,11 @@ def _train(cfg: TrainConfig) -> list[str]:
     if t.lr <= 0:
         e.append(f"train.lr={t.lr}: must be > 0")
     if t.min_lr < 0 or t.min_lr > t.lr:
-        e.append(f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}")
+        e.append(f"train.min_lr={t.min_lr}: must be between 0 and train.lr={t.lr}; or set train.min_lr_ratio "
+                 "(a fraction of train.lr) instead")
+    if not 0 <= t.min_lr_ratio <= 1:
+        e.append(f"train.min_lr_ratio={t.min_lr_ratio}: must be between 0 and 1 (a fraction of train.lr)")
+
     if t.warmup_steps < 0:
         e.append(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     if t.grad_clip < 0:
@@ -323,9 +327,20 @@ def _checkpoint(cfg: TrainConfig) -> list[str]:
     return e
 
 
+# Tracking backends: key -> (module that must be importable, the extra that installs it).
+TRACKERS = {"wandb_project": ("wandb", "wandb"), "mlflow_tracking_uri": ("mlflow", "mlflow")}
+
+
 def _logging(cfg: TrainConfig) -> list[str]:
+    import importlib.util
+
     n = cfg.logging.log_interval
-    return [f"logging.log_interval={n}: must be >= 1"] if n < 1 else []
+    e = [f"logging.log_interval={n}: must be >= 1"] if n < 1 else []
+    for key, (module, extra) in TRACKERS.items():
+        if getattr(cfg.logging, key) and importlib.util.find_spec(module) is None:  # found, not imported
+            e.append(f"logging.{key} needs the {module} package: pip install 'trellis-train[{extra}]' "
+                     f"(or unset logging.{key})")
+    return e
 
 
 def _launcher(cfg: TrainConfig) -> list[str]:

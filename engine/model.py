@@ -81,9 +81,17 @@ def build_model(model_cfg, *, seed: int, device: str | torch.device = "cpu"):
 
 
 def check_vocab(model, tokenizer) -> None:
+    """The model's embedding may have more rows than the tokenizer has tokens (a padded vocabulary: Qwen2.5,
+    Pythia/GPT-NeoX, OPT and BLOOM publish embeddings rounded up to a multiple of 64 or 128); fewer is an error.
+
+    Padded rows are never targets: every id the engine trains on comes from the tokenizer (engine/data tokenizes
+    text, prompt/response, chat and preference records with it; packing and padding use its eos/pad ids; the eval
+    set and DPO's chosen/rejected labels are built the same way; ignored positions are -100), so labels are always
+    < len(tokenizer). The padded rows only receive logits, which the softmax of the loss pushes down."""
     v_model = model.config.vocab_size
     v_tok = len(tokenizer)
-    if v_model != v_tok:
+    if v_model < v_tok:
         raise ConfigError(
-            f"model vocab_size={v_model} != tokenizer size {v_tok}; set model.tokenizer to the tokenizer the model "
-            "was built for, or set vocab_size in the model's config.json")
+            f"model vocab_size={v_model} < tokenizer size {v_tok}: the tokenizer has ids the model has no embedding "
+            "for; set model.tokenizer to the tokenizer the model was built for, or set vocab_size >= "
+            f"{v_tok} in the model's config.json")

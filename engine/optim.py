@@ -21,7 +21,14 @@ def lr_at(step: int, t) -> float:
         factor = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:  # linear
         factor = 1.0 - progress
-    return t.min_lr + (t.lr - t.min_lr) * factor
+    floor = min_lr(t)
+    return floor + (t.lr - floor) * factor
+
+
+def min_lr(t) -> float:
+    """The schedule's floor: an absolute train.min_lr when set (> 0) wins; else train.min_lr_ratio x train.lr (it
+    follows any lr, e.g. a DeepSpeed JSON's)."""
+    return t.min_lr if t.min_lr > 0 else t.min_lr_ratio * t.lr
 
 
 def param_groups(params: list[torch.nn.Parameter], names: list[str], weight_decay: float) -> list[dict]:

@@ -95,8 +95,7 @@ class Trainer:
                 self.engine.step = self.engine.sampler.step = state.step
                 self.engine.tokens_seen = state.tokens_seen
                 self.input_tokens_seen = self.engine.input_tokens(0, self.step)
-        writer = MetricsWriter(cfg.logging.metrics_file, cfg.logging.tensorboard_dir,
-                               resume=resumed_from is not None) if main else None
+        writer = MetricsWriter.for_run(cfg, resume=resumed_from is not None) if main else None
         progress = Progress(cfg.logging.progress, cfg.train.steps, self.step) if main else None
         timer = StepTimer()
         t_start = time.perf_counter()

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trellis.configs.deepspeed_json import ALIASES as DS_ALIASES
 from trellis.errors import ConfigError
 from trellis.parallel.attention import model_inputs
 from trellis.parallel.parallelize import parallelize
@@ -120,6 +121,11 @@ def build_ds_config(cfg, dp: int) -> dict:
     if not cfg.zero.deepspeed_config:
         return ours
     user = json.loads(Path(cfg.zero.deepspeed_config).read_text())
+    user = {DS_ALIASES.get(k, k) if DS_ALIASES.get(k) not in user else k: v for k, v in user.items()}  # bfloat16
+    # Batch fields: configs.load layered them TOML < JSON < CLI; the global batch is checked against the real dp.
+    t = cfg.train
+    user.update(train_micro_batch_size_per_gpu=t.micro_batch_size, gradient_accumulation_steps=t.grad_accum,
+                train_batch_size=t.global_batch_size or t.micro_batch_size * t.grad_accum * dp)
     ds = _fill_auto(user, ours)
     # A user scheduler would fight the Trainer's LR schedule (set every step); configs/deepspeed_json.py
     # already mapped it onto train.schedule/warmup/lr, so it is honoured through the Trainer instead.
@@ -207,6 +213,9 @@ class DeepSpeedBackend(Backend):
     @classmethod
     def check_supported(cls, cfg) -> None:
         check_precision_supported(cfg)  # e.g. fp16 on a CPU without fp16 support
+        from .deepspeed_config import preflight_ds_config  # DeepSpeed's own config model, before ranks start
+
+        preflight_ds_config(cfg)
 
     def __init__(self, cfg, ctx, dims, model: torch.nn.Module, inject_peft=None):
         if dims.tp > 1 or dims.pp > 1:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from trellis.errors import CheckpointError
+from trellis.errors import CheckpointError, ConfigError
 from trellis.parallel.hf_surgery import to_hf_state_dict
 
 from . import io
@@ -52,6 +53,32 @@ def to_fp32_safetensors(path: Path, out: Path) -> Path:
     return out / "model.safetensors"
 
 
+def write_hf_extras(out: Path, checkpoint: Path, config) -> list[str]:
+    """What `from_pretrained` users expect next to the weights: the run's tokenizer files (so
+    `AutoTokenizer.from_pretrained(out)` works) and a generation_config.json (bos/eos/pad ids from the model
+    config). The tokenizer is the one training used (model.tokenizer, else the model directory's, else the
+    shipped one: engine/tokenizer.py find_tokenizer), read from the checkpoint's config.toml. Returns the files
+    written; a tokenizer that is no longer where the run found it is a warning, not a lost export."""
+    from transformers import GenerationConfig
+
+    from trellis import configs
+
+    from ..model import resolve_model_dir
+    from ..tokenizer import find_tokenizer, load_tokenizer
+
+    before = {f.name for f in out.iterdir()}
+    if not (out / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(config).save_pretrained(str(out))
+    try:
+        cfg = configs.load(str(checkpoint / "config.toml"))
+        tok = load_tokenizer(find_tokenizer(resolve_model_dir(cfg.model.path), cfg.model.tokenizer))
+    except (ConfigError, OSError) as e:
+        print(f"warning: {out}: no tokenizer files written ({e}); copy the run's tokenizer there", file=sys.stderr)
+    else:
+        tok.save_pretrained(str(out))
+    return sorted({f.name for f in out.iterdir()} - before)
+
+
 def to_hf(path: Path, out: Path) -> Path:
     """A directory `AutoModelForCausalLM.from_pretrained` loads (full fine-tuning checkpoints)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -73,5 +100,6 @@ def to_hf(path: Path, out: Path) -> Path:
         model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
+    write_hf_extras(out, path, config)
     (out / "trellis_checkpoint.json").write_text(json.dumps({"source": str(path), "step": meta["step"]}))
     return out

@@ -21,7 +21,6 @@ the full linear when tp == 1, each tp rank's shard (colwise rows / rowwise colum
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -32,7 +31,7 @@ from trellis.parallel.models import family_for
 from trellis.parallel.quant4bit import block_linears, dequantized_weight, linear_to_quantized
 
 from ..checkpoint import io
-from ..checkpoint.convert import full_sections, require_native
+from ..checkpoint.convert import full_sections, require_native, write_hf_extras
 from ..model import build_model
 from .inject import PROMPT_LEARNING, build_peft_config
 from .prompt import PROMPT_MODULE, prompt_config
@@ -181,11 +180,22 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
         raise UserError(f"peft.method={cfg.peft.method!r}: virtual tokens cannot be merged into the weights; "
                         "use `trellis export adapter`")
     merged = model.merge_and_unload()
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in merged.parameters()})
     out = Path(out)
     merged.save_pretrained(str(out))
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if model_dir is not None and (Path(model_dir) / f).exists():
-            shutil.copy(Path(model_dir) / f, out / f)
+    write_hf_extras(out, path, merged.config)
     (out / "trellis_export.json").write_text(json.dumps({"source": str(path), "method": cfg.peft.method,
-                                                          "merged": True}))
+                                                          "merged": True, "dtype": ",".join(dtypes)}))
     return out
+
+
+def merged_dtype_note(out: Path) -> str:
+    """What `trellis export merged` says it wrote, e.g. "float32 weights (the 4-bit nf4 base dequantized...)"."""
+    info = json.loads((Path(out) / "trellis_export.json").read_text())
+    cfg = configs.load(str(Path(info["source"]) / "config.toml"))
+    note = f"{info['dtype']} weights"
+    q = quant_spec(cfg)
+    if q is not None:
+        note += (f" (the 4-bit {q.quant_type} base dequantized to {info['dtype']} exactly as training saw it, "
+                 "adapters merged into it)")
+    return note

@@ -35,3 +35,24 @@ def test_finite_record_is_unchanged():
 
     rec = {"step": 7, "loss": 0.125, "skipped": False, "tokens": 10}
     assert _strict(strict_json_line(rec)) == rec
+
+
+def test_the_summary_memory_table_fits_120_columns_in_human_units():
+    """8 ranks of a 70B-sized layout (the widest cells) with every column set: no line over 120 columns, bytes
+    printed with units, the all-zero columns left out, every rank and column still present."""
+    import io
+
+    from trellis.engine.metrics import print_summary
+
+    cols = ("params", "base", "adapter", "trainable", "grads", "optimizer", "master", "peak")
+    rows = [{"rank": r, **{c: (1023 + r) * 1024 ** 3 + 7 for c in cols}, "adapter": 0} for r in range(16)]
+    buf = io.StringIO()
+    print_summary({"model": "llama (68976.65M params)", "steps": 3}, rows, file=buf)
+    lines = buf.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 120, max(lines, key=len)
+    assert not any("adapter" in line for line in lines)  # 0 on every rank
+    for c in set(cols) - {"adapter"}:
+        assert any(f" {c}" in line for line in lines), c
+    for r in range(16):
+        assert any(line.strip().startswith(f"rank {r} ") for line in lines)
+    assert "1023.0 GiB" in buf.getvalue() and "1.0 TiB" in buf.getvalue()

@@ -34,16 +34,21 @@ def test_activation_checkpointing_gives_identical_gradients(name, mode):
         assert torch.equal(a.grad, b.grad), k
 
 
-def test_vocab_mismatch_is_a_clear_error():
+def test_a_tokenizer_larger_than_the_model_is_a_clear_error_a_smaller_one_is_padding():
     cfg = configs.load("tiny-llama")
     model, _ = build_model(cfg.model, seed=0)
 
     class Tok:
-        def __len__(self):
-            return 1000
+        def __init__(self, n):
+            self.n = n
 
-    with pytest.raises(ConfigError, match="vocab_size=512 != tokenizer size 1000"):
-        check_vocab(model, Tok())
+        def __len__(self):
+            return self.n
+
+    with pytest.raises(ConfigError, match="vocab_size=512 < tokenizer size 1000"):
+        check_vocab(model, Tok(1000))
+    check_vocab(model, Tok(512))
+    check_vocab(model, Tok(448))  # a padded vocabulary (the embedding has 64 rows no token maps to)
 
 
 def test_pretrained_load_from_local_directory(tmp_path):

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", default="", help="deepspeed/srun: hosts or slots to leave out")
     p.add_argument("--master-addr", default="", help="first node's address (multi-node torchrun/deepspeed)")
     p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: launcher's choice)")
-    p.add_argument("--mpi-flavour", choices=("auto", "openmpi", "mpich"), default="auto")
+    p.add_argument("--mpi-flavour", choices=("auto", "openmpi", "mpich"), default="auto",
+                   help="which mpirun is installed (auto: ask it); sets the flags it understands")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop every rank after this long (exit code 124)")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")

@@ -46,29 +46,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_training_args(p: argparse.ArgumentParser, layout: bool) -> None:
     g = p.add_argument_group("training")
     if layout:
-        g.add_argument("--dp", type=int, default=None)
-        g.add_argument("--tp", type=int, default=None)
-        g.add_argument("--pp", type=int, default=None)
-        g.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3])
-        g.add_argument("--offload-optimizer", choices=["none", "cpu", "nvme"], default=None)
-        g.add_argument("--offload-param", choices=["none", "cpu", "nvme"], default=None)
-        g.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default=None)
-        g.add_argument("--micro-batch", type=int, default=None)
-        g.add_argument("--grad-accum", type=int, default=None)
-        g.add_argument("--pp-schedule", choices=["1f1b", "gpipe", "interleaved_1f1b"], default=None)
-        g.add_argument("--sequence-parallel", action="store_true", default=None)
+        g.add_argument("--dp", type=int, default=None, help="data-parallel degree (ZeRO shards over it); default 1")
+        g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree; default 1")
+        g.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (the worst stage is reported); default 1")
+        g.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3],
+                       help="ZeRO stage: 1 shards optimizer state, 2 also grads, 3 also params")
+        g.add_argument("--offload-optimizer", choices=["none", "cpu", "nvme"], default=None,
+                       help="where the optimizer state lives (nvme: DeepSpeed ZeRO-Infinity)")
+        g.add_argument("--offload-param", choices=["none", "cpu", "nvme"], default=None,
+                       help="where ZeRO-3 parameters live between uses")
+        g.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default=None,
+                       help="recompute activations in backward: full blocks, or attention only (selective)")
+        g.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch per rank")
+        g.add_argument("--grad-accum", type=int, default=None,
+                       help="micro-batches per optimizer step (pipeline: micro-batches in flight)")
+        g.add_argument("--pp-schedule", choices=["1f1b", "gpipe", "interleaved_1f1b"], default=None,
+                       help="pipeline schedule (how many micro-batches' activations a stage holds)")
+        g.add_argument("--sequence-parallel", action="store_true", default=None,
+                       help="shard norm/dropout activations over tp")
     g.add_argument("--backend", choices=["native", "deepspeed"], default=None,
                    help="ZeRO semantics (default: deepspeed with --params, else the config's / native)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
-    g.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default=None)
-    g.add_argument("--peft", choices=["none", "lora", "rslora", "dora", "qlora", "ia3"], default=None)
-    g.add_argument("--lora-r", type=int, default=None)
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute dtype (trainable params keep fp32 master weights)")
+    g.add_argument("--optimizer", choices=["adamw", "adamw8bit", "sgd"], default=None,
+                   help="optimizer state per trainable param: adamw 8 B, adamw8bit 2 B, sgd 0 B")
+    g.add_argument("--peft", choices=["none", "lora", "rslora", "dora", "qlora", "ia3"], default=None,
+                   help="adapter method: only the adapters get grads and optimizer state")
+    g.add_argument("--lora-r", type=int, default=None, help="LoRA rank r (default 8)")
     g.add_argument("--lora-targets", default=None, help="comma-separated module names (default: all linears)")
-    g.add_argument("--quant", choices=["none", "nf4", "fp4", "int8"], default=None)
-    g.add_argument("--double-quant", action="store_true", default=None)
+    g.add_argument("--quant", choices=["none", "nf4", "fp4", "int8"], default=None,
+                   help="quantized frozen base weights (bitsandbytes)")
+    g.add_argument("--double-quant", action="store_true", default=None,
+                   help="also quantize the 4-bit quantization constants (QLoRA double quant)")
     g.add_argument("--seq-len", type=int, default=None, help="0 = model states only")
     g.add_argument("--gpu-mem", default=None, help="device memory per GPU, e.g. 80GB")
-    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpus-per-node", type=int, default=8,
+                   help="ranks per node (host RAM per node sums their CPU offload); default 8")
     g.add_argument("--host-mem", default=None, help="host RAM per node for CPU offload, e.g. 512GB")
 
 
@@ -78,16 +91,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_training_args(p, layout=True)
     p.add_argument("--explain", action="store_true", help="print the formula behind each line")
     p.add_argument("--json", action="store_true", help="machine-readable output (bytes; keys documented)")
-    p.add_argument("--plot", metavar="PNG", help="stacked bars per rank")
+    p.add_argument("--plot", metavar="PNG", help="stacked bars per rank (every pipeline stage for pp > 1)")
     p.set_defaults(func=_estimate)
     q = sub.add_parser("plan", help="enumerate layouts that fit, ranked by a throughput model")
     _add_model_args(q)
     _add_training_args(q, layout=False)
-    q.add_argument("--gpus", type=int, required=True)
+    q.add_argument("--gpus", type=int, required=True, help="total GPUs to lay out (dp x tp x pp)")
     q.add_argument("--global-batch", type=int, default=0, help="sequences per optimizer step (0 = any)")
-    q.add_argument("--top", type=int, default=5)
+    q.add_argument("--top", type=int, default=5, help="how many ranked layouts to print (default 5)")
     q.add_argument("--show-rejected", action="store_true", help="list infeasible layouts and why")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--plot", metavar="PNG", help="stacked bars of the top layouts")
     q.set_defaults(func=_plan)
 

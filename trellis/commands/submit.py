@@ -25,25 +25,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", metavar="CONFIG | SCRIPT.py",
                    help="config file (TOML) or preset name; or a Python script to run on every rank")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=int, default=1, help="Slurm nodes (sbatch --nodes); default 1")
     p.add_argument("--gpus-per-node", type=int, default=0, help="0 on CPU-only nodes")
     p.add_argument("--ntasks-per-node", "--nproc-per-node", dest="ntasks_per_node", type=int, default=0,
                    help="ranks per node (default: --gpus-per-node, or 1 without GPUs)")
-    p.add_argument("--partition", default="")
+    p.add_argument("--partition", default="", help="Slurm partition (default: the cluster's)")
     p.add_argument("--time", default="", help="time limit in Slurm's forms: 30, 2:00:00, 1-12:00:00")
-    p.add_argument("--account", default="")
-    p.add_argument("--qos", default="")
-    p.add_argument("--constraint", default="")
-    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--account", default="", help="Slurm account to charge")
+    p.add_argument("--qos", default="", help="Slurm quality of service")
+    p.add_argument("--constraint", default="", help="Slurm node features, e.g. h100")
+    p.add_argument("--exclusive", action="store_true", help="do not share the nodes with other jobs")
     p.add_argument("--signal", default="USR1@90", help="warning signal before the time limit (default USR1@90)")
     p.add_argument("--mode", choices=("per-task", "per-node"), default="per-task",
                    help="per-task: one Slurm task per rank; per-node: one torchrun per node")
-    p.add_argument("--via", choices=("sbatch", "submitit"), default="sbatch")
-    p.add_argument("--job-name", default="trellis")
+    p.add_argument("--via", choices=("sbatch", "submitit"), default="sbatch",
+                   help="submit a generated sbatch script, or through submitit (Python-side requeue)")
+    p.add_argument("--job-name", default="trellis", help="Slurm job name (default trellis)")
     p.add_argument("--log-dir", default="runs/slurm", help="job scripts and logs (default runs/slurm)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script without submitting")
     p.add_argument("--wait", action="store_true", help="follow the job's log until it ends; exit with its code")
-    p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --wait: stop following (the job keeps running) after this long")
     add_resume_allow_change(p)
     p.set_defaults(func=_submit, accepts_overrides=True, takes_script=True)
 

@@ -12,7 +12,10 @@ from trellis.commands import add_resume_allow_change
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train a model (starts its own ranks, or runs as one rank under a launcher)",
-        description="Dotted overrides follow the config, e.g. --train.micro_batch_size=4 --parallel.dp=2",
+        description="Dotted overrides follow the config, e.g. --train.micro_batch_size=4 --parallel.dp=2. "
+                    "Every key is listed by `trellis config keys` (documented in configs/schema.py); "
+                    "the resolved config: `trellis config show CONFIG [overrides]`. Precedence: defaults < TOML < --deepspeed JSON < "
+                    "overrides.",
     )
     p.add_argument("config", help="config file (TOML) or preset name, e.g. configs/tiny-llama.toml")
     p.add_argument("--deepspeed", metavar="JSON", help="a stock DeepSpeed ds_config.json (implies zero.backend=deepspeed)")
