@@ -175,6 +175,8 @@ TWO_RANKS = {
     "tp2 smoothed": ({"parallel.dp": 1, "parallel.tp": 2}, "smoothed"),
     "pp2 smoothed": ({"parallel.dp": 1, "parallel.pp": 2}, "smoothed"),
     "pp2 weighted (extra key)": ({"parallel.dp": 1, "parallel.pp": 2}, "weighted"),
+    # zero bubble (V placement): rank 0 runs the first and the last stage; the loss feed still matches labels
+    "pp2 zbv weighted (extra key)": ({"parallel.dp": 1, "parallel.pp": 2, "parallel.pp_schedule": "zbv"}, "weighted"),
     "tp2 vocab_parallel": ({"parallel.dp": 1, "parallel.tp": 2}, "vocab_parallel"),
     "deepspeed dp2 zero2 smoothed": ({"parallel.dp": 2, "zero.backend": "deepspeed", "zero.stage": 2}, "smoothed"),
 }

@@ -164,12 +164,20 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
     every stage is causal; GPT-2's tied copies stay bit-identical. One spawned group for all checks."""
     cases = [("tiny-llama", "gpipe", True), ("tiny-llama", "1f1b", True), ("tiny-llama", "interleaved_1f1b", True),
              ("tiny-gpt2", "1f1b", True), ("tiny-gpt2", "interleaved_1f1b", True),
-             ("tiny-opt", "1f1b", False), ("tiny-bloom", "gpipe", False), ("tiny-neox", "1f1b", False)]
-    ranks = run_ranks(2, pipeline_checks, cases, timeout=240)
+             ("tiny-opt", "1f1b", False), ("tiny-bloom", "gpipe", False), ("tiny-neox", "1f1b", False),
+             # zero bubble: round-robin ZB1P, DualPipeV (V placement, overlapped F/B pairs), ZBV with GPT-2's tied
+             # embedding: both copies on rank 0 (stages 0 and 3), their grads added locally
+             ("tiny-llama", "interleaved_zb", True), ("tiny-llama", "dualpipev", True), ("tiny-gpt2", "zbv", True)]
+    ranks = run_ranks(2, pipeline_checks, cases, timeout=300)
     for label in ranks[0]:
         first, last = ranks[0][label], ranks[1][label]
         # the two stages partition the model's parameters (the tied head weight is on both)
         assert not (set(first["param_names"]) & set(last["param_names"])) - {"lm_head.weight"}, label
+        # the rank running the last stage reports the loss (rank 0 under the V placement of zbv / dualpipev)
+        v = label.endswith(("zbv", "dualpipev"))
+        assert bool(first["loss_delta"]) == v and bool(last["loss_delta"]) != v, label
+        if v:
+            first, last = last, first
         dl = max(last["loss_delta"])
         dg = max(max(first["grad_delta"]), max(last["grad_delta"]))
         dw = max(max(first["weight_delta"]), max(last["weight_delta"]))
@@ -180,6 +188,8 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
         assert last["eval_delta"] <= 1e-5, label
         if "tied_copy" in first:
             assert torch.equal(first["tied_copy"], last["tied_copy"]), label
+        if label == "tiny-gpt2 zbv":
+            assert last["tied_local_delta"] == 0.0, label
 
 
 def test_pipeline_eval_with_eval_batches_not_equal_to_grad_accum(tmp_path):

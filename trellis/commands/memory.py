@@ -55,7 +55,9 @@ def _add_training_args(p: argparse.ArgumentParser, layout: bool) -> None:
         g.add_argument("--activation-checkpointing", choices=["none", "selective", "full"], default=None)
         g.add_argument("--micro-batch", type=int, default=None)
         g.add_argument("--grad-accum", type=int, default=None)
-        g.add_argument("--pp-schedule", choices=["1f1b", "gpipe", "interleaved_1f1b"], default=None)
+        from trellis.parallel.pipeline import SCHEDULES
+
+        g.add_argument("--pp-schedule", choices=list(SCHEDULES), default=None)
         g.add_argument("--sequence-parallel", action="store_true", default=None)
     g.add_argument("--backend", choices=["native", "deepspeed"], default=None,
                    help="ZeRO semantics (default: deepspeed with --params, else the config's / native)")
