@@ -151,7 +151,9 @@ def _worker(rank: int, world: int, plan: list[str], steps: int, micro: int, seq:
         res = {"schedule": schedule, "step_s": [s for s, _ in meas], "compute_s": [c for _, c in meas],
                "bubble": [1 - c / s for s, c in meas]}
         if rank == 0:
-            if hasattr(sched, "pipeline_order") and sched.pipeline_order:
+            from torch.distributed.pipelining.schedules import PipelineScheduleMulti
+
+            if isinstance(sched, PipelineScheduleMulti):
                 orders = torch_order(sched.pipeline_order)
             else:
                 orders = {r: single_stage_order(schedule, r, world, micro) for r in range(world)}

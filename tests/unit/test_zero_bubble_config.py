@@ -77,3 +77,22 @@ def test_bench_simulation_matches_the_1f1b_closed_form(pp, m):
         orders = {r: b.single_stage_order(s, r, pp, m) for r in range(pp)}
         got = b.simulate(orders, pp)["per_rank"]
         assert all(abs(x - (pp - 1) / (m + pp - 1)) < 1e-12 for x in got), (s, got)
+
+
+def test_bench_simulation_of_torchs_own_action_lists():
+    """torch's schedules build their per-rank action lists without a process group (stages stubbed): under unit
+    costs interleaved 1F1B gives (p - 1) / (v·m + p - 1) with v = 2, and the zero-bubble ones less."""
+    from types import SimpleNamespace
+
+    from torch.distributed import pipelining as pl
+
+    b = _bench()
+    got = {}
+    for name, cls in [("interleaved_1f1b", pl.ScheduleInterleaved1F1B), ("interleaved_zb", pl.ScheduleInterleavedZeroBubble),
+                      ("zbv", pl.ScheduleZBVZeroBubble), ("dualpipev", pl.ScheduleDualPipeV)]:
+        stages = [SimpleNamespace(group_size=2, group_rank=0, num_stages=4, submod=None, stage_index=i) for i in (0, 1)]
+        sched = cls(stages, n_microbatches=8, loss_fn=lambda out, target: out, scale_grads=False)
+        got[name] = b.simulate(b.torch_order(sched.pipeline_order), 4)["per_rank"]
+    assert all(abs(x - 1 / 17) < 1e-12 for x in got["interleaved_1f1b"]), got
+    for name in ("interleaved_zb", "zbv", "dualpipev"):
+        assert max(got[name]) < 1 / 17, (name, got[name])
