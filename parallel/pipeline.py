@@ -294,10 +294,6 @@ class Pipeline:
                 out.append(m.get_submodule(spec.lm_head).weight)
         return out
 
-    def _tied_param(self) -> nn.Parameter | None:
-        params = self._tied_params()
-        return params[0] if params else None
-
     def _replicated_params(self) -> list[nn.Parameter]:
         m = self.stage_module
         return [p for path in m.pp_replicated for p in m.get_submodule(path).parameters() if p.requires_grad]
@@ -305,7 +301,8 @@ class Pipeline:
     @torch.no_grad()
     def sync_replicated_grads(self) -> None:
         """Sum over the pp group the gradients of every parameter with a copy on each stage: the tied
-        weight of the first and last stage (pp == 2 when tied) and the pp-replicated modules."""
+        weight of the first and last stage (pp == 2 when tied; under the V placement both copies are on rank 0
+        and add locally) and the pp-replicated modules."""
         from torch.distributed.tensor import DTensor
 
         tied = self._tied_params() if self.tied else []

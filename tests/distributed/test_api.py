@@ -192,7 +192,7 @@ def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
                   {"overrides": lora_ov, "export_to": str(tmp_path / "adapter")},
                   {"overrides": cli_ov, "cli": True},
                   {"overrides": {**BASE, "parallel.dp": 2}, "bad_calls": True}]
-    results = run_ranks(2, api_scenarios, scenarios, timeout=400)
+    results = run_ranks(2, api_scenarios, scenarios, timeout=600)
     r0 = results[0]
     for i, (name, (ov, loss)) in enumerate(TWO_RANKS.items()):
         _check(name, r0[i]["losses"], {**BASE, **ov}, loss)
