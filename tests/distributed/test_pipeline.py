@@ -180,7 +180,7 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
              # zero bubble: round-robin ZB1P, DualPipeV (V placement, overlapped F/B pairs), ZBV with GPT-2's tied
              # embedding: both copies on rank 0 (stages 0 and 3), their grads added locally
              ("tiny-llama", "interleaved_zb", True), ("tiny-llama", "dualpipev", True), ("tiny-gpt2", "zbv", True)]
-    ranks = run_ranks(2, pipeline_checks, cases, timeout=300)
+    ranks = run_ranks(2, pipeline_checks, cases, timeout=420)
     for label in ranks[0]:
         first, last = ranks[0][label], ranks[1][label]
         # the two stages partition the model's parameters (the tied head weight is on both)
