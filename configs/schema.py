@@ -74,7 +74,9 @@ class ParallelConfig:
     pp: int = 1
     tp: int = 1
     sequence_parallel: bool = False
-    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = "1f1b"
+    # One stage per rank: "1f1b", "gpipe". Two virtual stages per rank: "interleaved_1f1b", and the zero-bubble
+    # schedules "interleaved_zb" (ZB1P, round-robin), "zbv" and "dualpipev" (V placement: stages r and 2pp-1-r).
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"] = "1f1b"
     # "even" (by layers), "params" (by parameter count), or explicit split points "4,8".
     pp_split: str = "even"
     # Collective timeout; a dead peer ends the job after this instead of hanging.

@@ -13,6 +13,9 @@ from trellis.errors import ConfigError
 from .data_templates import PROMPT_TEMPLATES, shipped_chat_templates
 from .schema import PEFT_INIT_ADAPTER_METHODS, PEFT_PROMPT_METHODS, TRAJECTORY_FIELDS, TrainConfig
 
+# Pipeline schedules that split the backward into input and weight gradients (parallel/pipeline.py)
+ZERO_BUBBLE_SCHEDULES = ("interleaved_zb", "zbv", "dualpipev")
+
 # PEFT methods known to break inside peft on a 4-bit base (measured: LoKr/LoHa/HRA).
 _NO_4BIT_METHODS = ("lokr", "loha", "hra")
 
@@ -90,6 +93,17 @@ def _parallel(cfg: TrainConfig) -> list[str]:
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         e.append(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} must be divisible by "
                  f"parallel.tp={p.tp}")
+    if p.pp > 1 and p.pp_schedule in ZERO_BUBBLE_SCHEDULES and getattr(cfg.train, "compile", False):
+        # torch.distributed.pipelining refuses compiled stages for its split input/weight backward
+        e.append(f"parallel.pp_schedule={p.pp_schedule!r} does not run compiled stages (torch splits the backward "
+                 "into input and weight gradients only in eager mode); set train.compile=false or use "
+                 "parallel.pp_schedule='1f1b' or 'interleaved_1f1b'")
+    if p.pp > 1 and p.pp_schedule in ZERO_BUBBLE_SCHEDULES and cfg.zero.stage >= 2:
+        # measured: torch's weight-gradient pass misses FSDP2's unsharded parameters (dp2·pp2 zbv ZeRO-3: loss off
+        # by 1e-1 against the 1-process reference)
+        e.append(f"parallel.pp_schedule={p.pp_schedule!r} with zero.stage={cfg.zero.stage}: the zero-bubble weight-"
+                 "gradient pass does not compose with FSDP2's sharded parameters yet; use zero.stage=0 or 1, or "
+                 "parallel.pp_schedule='1f1b' or 'interleaved_1f1b' with ZeRO-2/3")
     if p.pp_split not in ("even", "params"):
         try:
             points = [int(x) for x in p.pp_split.split(",")]

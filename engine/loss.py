@@ -61,9 +61,11 @@ class PipelineFeed:
     """The micro-batches of the current step for the last pipeline stage's loss closure.
 
     torch's schedules call the loss once per micro-batch, with only that micro-batch's slice of the target
-    (the labels). Every schedule trellis runs (GPipe, 1F1B, interleaved 1F1B) calls it on the last stage in
-    micro-batch order 0, 1, ...; the feed hands out the step's micro-batches in that order and checks each
-    against the labels the schedule passed, so an order it did not expect is an error, never a wrong loss."""
+    (the labels). torch runs the loss inside the last stage's forward, and every schedule trellis runs (GPipe,
+    1F1B, interleaved 1F1B, and the zero-bubble interleaved ZB / ZBV / DualPipeV, whose reordering is in the
+    backward) runs a stage's forwards in micro-batch order 0, 1, ...; the feed hands out the step's micro-batches
+    in that order and checks each against the labels the schedule passed, so an order it did not expect is an
+    error, never a wrong loss."""
 
     def __init__(self, micro_batches: list[Batch], device, inference_call: bool = False):
         """`inference_call`: the schedule's first step, whose first loss call is torch's metadata inference on

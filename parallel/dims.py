@@ -112,11 +112,18 @@ def validate_model_dims(dims: ParallelDims, *, num_heads: int, num_kv_heads: int
                            vocab_size=vocab_size, intermediate_size=intermediate_size)
     if pp > 1 and micro_batches < pp:
         e.append(f"train.grad_accum={micro_batches}: pipeline parallel needs >= parallel.pp={pp} micro-batches")
-    if pp > 1 and pp_schedule == "interleaved_1f1b" and (num_layers < 2 * pp or micro_batches % pp):
+    if pp > 1 and pp_schedule in ("interleaved_1f1b", "interleaved_zb") and (num_layers < 2 * pp or micro_batches % pp):
         # two virtual stages per rank (rank and rank + pp), fed round-robin
-        e.append(f"parallel.pp_schedule='interleaved_1f1b' needs >= {2 * pp} layers (model has {num_layers}) "
+        e.append(f"parallel.pp_schedule={pp_schedule!r} needs >= {2 * pp} layers (model has {num_layers}) "
                  f"and micro-batches (train.grad_accum={micro_batches}) divisible by parallel.pp={pp}; "
                  "use '1f1b' otherwise")
+    if pp > 1 and pp_schedule in ("zbv", "dualpipev") and num_layers < 2 * pp:
+        # two virtual stages per rank, V placement (stages r and 2pp - 1 - r)
+        e.append(f"parallel.pp_schedule={pp_schedule!r} needs >= {2 * pp} layers for its {2 * pp} stages (model "
+                 f"has {num_layers}); use '1f1b' or fewer pipeline ranks")
+    if pp > 1 and pp_schedule == "dualpipev" and micro_batches < 2 * pp:
+        e.append(f"parallel.pp_schedule='dualpipev' needs >= {2 * pp} micro-batches (one per stage; got "
+                 f"train.grad_accum={micro_batches}); raise train.grad_accum or use 'zbv'")
     if e:
         raise ConfigError(e)
 

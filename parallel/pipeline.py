@@ -7,6 +7,14 @@ become two copies, on the first and the last stage; their gradients are summed a
 before every optimizer step, so the copies stay identical. Modules that PEFT prompt learning replicates on
 every stage (`PromptHooks.pp_replicated`: prefix tuning's encoder, each stage using the prefixes of its own
 layers) are handled the same way.
+
+Schedules (`parallel.pp_schedule`): GPipe and 1F1B run one stage per rank; interleaved 1F1B and the
+zero-bubble schedules run two virtual stages per rank. Interleaved 1F1B and interleaved zero bubble (ZB1P)
+place them round-robin (rank r holds stages r and r + pp); ZBV and DualPipeV place them as a V (stages r and
+2pp - 1 - r), so rank 0 holds both the first and the last stage: a tied embedding's two copies then live on
+one rank and their gradients add locally. The zero-bubble schedules split each backward into an input-gradient
+pass (sent upstream at once) and a weight-gradient pass run later to fill the bubble (torch's
+stage_backward_input / stage_backward_weight); torch refuses them for compiled stages.
 """
 
 from __future__ import annotations
@@ -17,13 +25,27 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trellis.configs.validate import ZERO_BUBBLE_SCHEDULES
 from trellis.errors import ConfigError
 
 from . import stage_forward
 from .models.base import FamilySpec
 from .prompt_hooks import PromptHooks
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev")
+# ZERO_BUBBLE_SCHEDULES (configs/validate.py): split backward, input grads first, weight grads later
+V_SCHEDULES = ("zbv", "dualpipev")  # stages r and 2pp - 1 - r on rank r
+TWO_STAGE_SCHEDULES = ("interleaved_1f1b", *ZERO_BUBBLE_SCHEDULES)  # two virtual stages per rank
+
+
+def stage_ids_for(schedule: str, rank: int, pp: int) -> list[int]:
+    """The global stage indices rank `rank` runs: [rank]; [rank, rank + pp] (round-robin); [rank, 2pp - 1 - rank]
+    (V placement)."""
+    if schedule in V_SCHEDULES:
+        return [rank, 2 * pp - 1 - rank]
+    if schedule in TWO_STAGE_SCHEDULES:
+        return [rank, rank + pp]
+    return [rank]
 
 
 def split_layers(num_layers: int, pp: int, mode: str, layer_params: list[int] | None = None,
@@ -195,28 +217,33 @@ class Pipeline:
 
     # --- built after the caller wrapped the stage (activation checkpointing, FSDP2) ---------------
     def make_schedule(self) -> None:
-        from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe,
-                                                  ScheduleInterleaved1F1B)
+        from torch.distributed import pipelining as pl
 
         def stages():
-            return [PipelineStage(m, i, self.num_stages, self.device, group=self.pp_group)
+            return [pl.PipelineStage(m, i, self.num_stages, self.device, group=self.pp_group)
                     for m, i in zip(self.stage_modules, self.stage_ids)]
 
         kw = dict(n_microbatches=self.n_microbatches, loss_fn=self.loss_fn, scale_grads=False)
-        if self.schedule_name == "interleaved_1f1b":
-            self._schedule = ScheduleInterleaved1F1B(stages(), **kw)
-            self._eval_schedule = ScheduleInterleaved1F1B(stages(), **kw)
+        multi = {"interleaved_1f1b": pl.ScheduleInterleaved1F1B, "interleaved_zb": pl.ScheduleInterleavedZeroBubble,
+                 "zbv": pl.ScheduleZBVZeroBubble, "dualpipev": pl.ScheduleDualPipeV}
+        if self.schedule_name in multi:
+            cls = multi[self.schedule_name]
+            self._schedule = cls(stages(), **kw)
+            if self.schedule_name in V_SCHEDULES:
+                self._eval_schedule = _forward_only(cls(stages(), **kw))
+            else:
+                self._eval_schedule = pl.ScheduleInterleaved1F1B(stages(), **kw)
         else:
-            cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
+            cls = pl.Schedule1F1B if self.schedule_name == "1f1b" else pl.ScheduleGPipe
             self._schedule = cls(stages()[0], **kw)
-            self._eval_schedule = ScheduleGPipe(stages()[0], **kw)
+            self._eval_schedule = pl.ScheduleGPipe(stages()[0], **kw)
 
     def _run(self, schedule, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
         """`layout`: () or the (segment_ids, position_ids) of a packed batch (parallel/attention.stage_layout)."""
         losses: list[torch.Tensor] = []
-        if self.is_first and self.is_last:
-            raise RuntimeError("a pipeline needs pp > 1")
-        if self.is_first:
+        if self.is_first and self.is_last:  # V placement: rank 0 runs the first and the last stage
+            schedule.step(input_ids, *layout, target=labels, losses=losses)
+        elif self.is_first:
             schedule.step(input_ids, *layout)
         elif self.is_last:
             schedule.step(target=labels, losses=losses)
@@ -241,10 +268,13 @@ class Pipeline:
 
     @torch.no_grad()
     def eval_step(self, input_ids: torch.Tensor, labels: torch.Tensor, layout: tuple = ()) -> float | None:
+        losses: list[torch.Tensor] = []
+        if self.is_first and self.is_last:  # V placement
+            self._eval_schedule.eval(input_ids, *layout, target=labels, losses=losses)
+            return sum(float((x.full_tensor() if hasattr(x, "full_tensor") else x).detach()) for x in losses)
         if self.is_first:
             self._eval_schedule.eval(input_ids, *layout)
             return None
-        losses: list[torch.Tensor] = []
         if self.is_last:
             self._eval_schedule.eval(target=labels, losses=losses)
             return sum(float((x.full_tensor() if hasattr(x, "full_tensor") else x).detach()) for x in losses)
@@ -252,14 +282,17 @@ class Pipeline:
         return None
 
     # --- parameters with a copy on several stages: tied embeddings, pp-replicated modules ----------
-    def _tied_param(self) -> nn.Parameter | None:
+    def _tied_params(self) -> list[nn.Parameter]:
+        """This rank's copies of a tied input/output embedding: the first stage's embedding and/or the last
+        stage's head (both on rank 0 under the V placement)."""
         spec = self.stage_module.spec
+        out = []
         for m in self.stage_modules:
             if m.is_first:
-                return m.get_submodule(spec.embed_tokens).weight
+                out.append(m.get_submodule(spec.embed_tokens).weight)
             if m.is_last:
-                return m.get_submodule(spec.lm_head).weight
-        return None
+                out.append(m.get_submodule(spec.lm_head).weight)
+        return out
 
     def _replicated_params(self) -> list[nn.Parameter]:
         m = self.stage_module
@@ -268,27 +301,65 @@ class Pipeline:
     @torch.no_grad()
     def sync_replicated_grads(self) -> None:
         """Sum over the pp group the gradients of every parameter with a copy on each stage: the tied
-        weight of the first and last stage (pp == 2 when tied) and the pp-replicated modules."""
+        weight of the first and last stage (pp == 2 when tied; under the V placement both copies are on rank 0
+        and add locally) and the pp-replicated modules."""
         from torch.distributed.tensor import DTensor
 
-        params = ([self._tied_param()] if self.tied else []) + self._replicated_params()
+        tied = self._tied_params() if self.tied else []
+        local_pair = len(tied) == 2  # V placement: both copies here, their grads add locally
+        params = ([] if local_pair else tied) + self._replicated_params()
+        if local_pair and tied[0].requires_grad:  # a frozen tied embedding (PEFT) has no gradient to sync
+            a, b = (self._grad_like_param(p) for p in tied)
+            al, bl = (g.to_local() if isinstance(g, DTensor) else g for g in (a, b))
+            al.add_(bl)
+            bl.copy_(al)
         for p in params:
             if not p.requires_grad:  # a frozen tied embedding (PEFT) has no gradient to sync
                 continue
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            g = p.grad
-            if isinstance(g, DTensor) and g.placements != p.placements:
-                # a vocab-parallel embedding's grad can come back Replicate; match the weight's sharding
-                g = g.redistribute(p.device_mesh, p.placements)
-                p.grad = g
+            g = self._grad_like_param(p)
             dist.all_reduce(g.to_local() if isinstance(g, DTensor) else g, group=self.pp_group)
+
+    @staticmethod
+    def _grad_like_param(p: nn.Parameter) -> torch.Tensor:
+        """p.grad (zeros if none), with p's sharding."""
+        from torch.distributed.tensor import DTensor
+
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+        if isinstance(g, DTensor) and g.placements != p.placements:
+            # a vocab-parallel embedding's grad can come back Replicate; match the weight's sharding
+            g = g.redistribute(p.device_mesh, p.placements)
+            p.grad = g
+        return g
 
     def duplicate_params(self) -> list[nn.Parameter]:
         """Copies the gradient norm counts on another stage: the last stage's tied weight, and the
         pp-replicated modules everywhere but the first stage."""
-        out = [self._tied_param()] if self.tied and self.is_last else []
+        tied = self._tied_params() if self.tied else []
+        out = tied[-1:] if self.is_last else []  # the last stage's head (under the V placement: rank 0's second)
         return out + (self._replicated_params() if self.pp_rank > 0 else [])
+
+
+def _forward_only(schedule):
+    """`schedule` (a V-placement runtime schedule) with its backward actions removed, for eval(): torch's V
+    schedules hand a local stage's input gradient to its neighbour even when eval() disabled the backward
+    (torch 2.13: "can't steal_bwd_input if this stage doesn't have backward"). Every rank drops the same actions
+    from the same lowered order, so the forward sends and receives stay matched."""
+    from torch.distributed.pipelining.schedules import _ComputationType as C
+
+    keep = {C.FORWARD, C.SEND_F, C.RECV_F, C.UNSHARD, C.RESHARD}
+    order = {}
+    for rank, actions in schedule.pipeline_order_with_comms.items():
+        out = []
+        for a in actions:
+            if a.computation_type == C.OVERLAP_F_B:  # DualPipeV: (forward, backward) of two stages
+                out += [sub for sub in a.sub_actions if sub.computation_type in keep]
+            elif a.computation_type in keep:
+                out.append(a)
+        order[rank] = out
+    schedule.pipeline_order_with_comms = order
+    return schedule
 
 
 def build_stage_module(model: nn.Module, spec: FamilySpec, stage_idx: int, num_stages: int,
@@ -305,10 +376,10 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
     layers = model.get_submodule(spec.layers)
     n = len(layers)
     pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
-    # interleaved 1F1B: 2 virtual stages per rank, stage ids rank and rank + pp (round-robin placement)
-    # (layers and micro-batches for interleaved 1F1B: checked by parallel/dims.py validate_model_dims)
-    virtual = 2 if schedule == "interleaved_1f1b" else 1
-    num_stages = pp * virtual
+    # interleaved 1F1B / zero bubble: 2 virtual stages per rank, round-robin or V placement (stage_ids_for)
+    # (layers and micro-batches per schedule: checked by parallel/dims.py validate_model_dims)
+    stage_ids = stage_ids_for(schedule, rank, pp)
+    num_stages = pp * len(stage_ids)
     layer_params = [sum(p.numel() for p in b.parameters()) for b in layers]
     first_extra = sum(p.numel() for p in model.get_submodule(spec.embed_tokens).parameters())
     last_extra = sum(p.numel() for p in model.get_submodule(spec.lm_head).parameters())
@@ -317,11 +388,10 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
     if tied and pp > 2:
         raise ConfigError(f"parallel.pp={pp}: tied input/output embeddings ({spec.name}) are supported with "
                           "parallel.pp=2 only for now")
-    if tied and rank == pp - 1:
+    if tied and num_stages - 1 in stage_ids:
         # The last stage keeps its own copy of the tied weight (equal values; grads summed each step).
         head = model.get_submodule(spec.lm_head)
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
-    stage_ids = [rank + v * pp for v in range(virtual)]
     # each virtual stage consumes its own copy of the model (copies made before any is cut)
     sources = [model] + [copy.deepcopy(model) for _ in stage_ids[1:]]
     stages = [build_stage_module(src, spec, i, num_stages, ranges[i], prompt) for src, i in zip(sources, stage_ids)]

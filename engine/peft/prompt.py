@@ -28,6 +28,7 @@ from trellis.configs.schema import PEFT_PREFIX_METHODS
 from trellis.errors import ConfigError
 from trellis.parallel.collectives import sum_grad_over
 from trellis.parallel.hf_compat import cache_kwarg
+from trellis.parallel.pipeline import TWO_STAGE_SCHEDULES
 from trellis.parallel.prompt_hooks import PromptHooks
 
 PROMPT_MODULE = "peft_prompt"
@@ -61,8 +62,8 @@ def is_prefix(cfg) -> bool:
 
 
 def check_layout(cfg) -> None:
-    if is_prefix(cfg) and cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "interleaved_1f1b":
-        raise ConfigError(f"peft.method={cfg.peft.method!r} with parallel.pp_schedule='interleaved_1f1b': the "
+    if is_prefix(cfg) and cfg.parallel.pp > 1 and cfg.parallel.pp_schedule in TWO_STAGE_SCHEDULES:
+        raise ConfigError(f"peft.method={cfg.peft.method!r} with parallel.pp_schedule={cfg.parallel.pp_schedule!r}: the "
                           "prefix encoder would be replicated on both virtual stages of a rank under one name; "
                           "use parallel.pp_schedule='1f1b' or 'gpipe'")
     if cfg.parallel.sequence_parallel:

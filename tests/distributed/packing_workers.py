@@ -16,7 +16,7 @@ def packed_train(rank: int, world: int, scenarios: list[dict]) -> list[list[floa
     for sc in scenarios:
         cfg = configs.load(sc.get("config", "tiny-llama"), dict(sc["overrides"]))
         trainer = Trainer(cfg, ctx)
-        vocab = trainer.backend.module.config.vocab_size
+        vocab = trainer.hf_config.vocab_size  # (a StageUnion of two virtual stages has no .config)
         accum, dp_rank = cfg.train.grad_accum, trainer.dims.coordinate()["dp"]
         losses = []
         for step in global_batches(cfg, vocab, sc.get("steps", 3), pad=sc.get("pad", False)):

@@ -55,7 +55,7 @@ def pipeline_checks(rank: int, world: int, cases: list[tuple[str, str, bool]]) -
     from torch.distributed.device_mesh import init_device_mesh
 
     from trellis.parallel.models import family_for
-    from trellis.parallel.pipeline import build_pipeline
+    from trellis.parallel.pipeline import TWO_STAGE_SCHEDULES, build_pipeline, stage_ids_for
 
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
     pp_mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))["pp"]
@@ -99,13 +99,17 @@ def pipeline_checks(rank: int, world: int, cases: list[tuple[str, str, bool]]) -
             res["weight_delta"].append(max((p - ref_params[n]).abs().max().item()
                                            for n, p in params))
         assert len(names) == len(set(names)), "virtual stages of one rank must not share parameters"
-        assert len(pipe.stage_modules) == (2 if schedule == "interleaved_1f1b" else 1)
+        assert len(pipe.stage_modules) == (2 if schedule in TWO_STAGE_SCHEDULES else 1)
+        assert pipe.stage_ids == stage_ids_for(schedule, rank, world)
         ev = pipe.eval_step(ids, labels)  # forward-only loss with the updated weights
         with torch.no_grad():
             ref_ev = loss_fn(ref(input_ids=ids).logits, labels).item()
         res["eval_delta"] = abs(ev - ref_ev) if pipe.is_last else 0.0
         res["param_names"] = sorted(names)
-        if pipe.tied:
-            res["tied_copy"] = pipe._tied_param().detach().clone()
+        copies = pipe._tied_params() if pipe.tied else []
+        if len(copies) == 1:  # one copy per rank: compared across ranks by the test
+            res["tied_copy"] = copies[0].detach().clone()
+        elif len(copies) == 2:  # V placement: both copies on this rank
+            res["tied_local_delta"] = (copies[0] - copies[1]).abs().max().item()
         out[f"{name} {schedule}"] = res
     return out

@@ -218,6 +218,8 @@ TWO_RANKS = {
     "tp2 smoothed": ({"parallel.dp": 1, "parallel.tp": 2}, "smoothed"),
     "pp2 smoothed": ({"parallel.dp": 1, "parallel.pp": 2}, "smoothed"),
     "pp2 weighted (extra key)": ({"parallel.dp": 1, "parallel.pp": 2}, "weighted"),
+    # zero bubble (V placement): rank 0 runs the first and the last stage; the loss feed still matches labels
+    "pp2 zbv weighted (extra key)": ({"parallel.dp": 1, "parallel.pp": 2, "parallel.pp_schedule": "zbv"}, "weighted"),
     "tp2 vocab_parallel": ({"parallel.dp": 1, "parallel.tp": 2}, "vocab_parallel"),
     "deepspeed dp2 zero2 smoothed": ({"parallel.dp": 2, "zero.backend": "deepspeed", "zero.stage": 2}, "smoothed"),
 }
@@ -234,7 +236,7 @@ def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
                   {"overrides": cli_ov, "cli": True},
                   {"overrides": {**BASE, "parallel.dp": 2}, "bad_calls": True},
                   {"overrides": {**BASE, "parallel.dp": 2}, "relabel": True, "count_reductions": True}]
-    results = run_ranks(2, api_scenarios, scenarios, timeout=400)
+    results = run_ranks(2, api_scenarios, scenarios, timeout=600)
     r0 = results[0]
     for i, (name, (ov, loss)) in enumerate(TWO_RANKS.items()):
         _check(name, r0[i], {**BASE, **ov}, loss)

@@ -37,6 +37,11 @@ CASES_2 = {
     "dp2 prompt tuning": {"parallel.dp": 2, "peft.method": "prompt", **PROMPT},
     "pp2 prompt tuning +full ckpt": {"parallel.pp": 2, "peft.method": "prompt", "activation_checkpointing.mode": "full",
                                      **PROMPT},
+    # zero bubble: segment/position ids travel with the activations through the V (stages 0,3 | 1,2); the
+    # virtual tokens' embedding trains on rank 0, whose first stage runs its whole backward in the weight pass
+    "pp2 zbv prompt tuning +full ckpt": {"parallel.pp": 2, "parallel.pp_schedule": "zbv", "peft.method": "prompt",
+                                         "activation_checkpointing.mode": "full", **PROMPT},
+    "pp2 interleaved_zb": {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_zb"},
     "dp2 prefix tuning": {"parallel.dp": 2, "peft.method": "prefix", **PROMPT},
     "pp2 prefix tuning": {"parallel.pp": 2, "peft.method": "prefix", **PROMPT},
 }

@@ -32,6 +32,8 @@ TWO = {
     "tp2-ia3": {"parallel.tp": 2, "peft.method": "ia3", "train.lr": 5e-2},
     "pp2-lora": {"parallel.pp": 2},
     "pp2-lora-z3": {"parallel.pp": 2, "zero.stage": 3},
+    # zero bubble, V placement: rank 0 runs the first and the last stage; the split backward skips frozen weights
+    "pp2-lora-zbv": {"parallel.pp": 2, "parallel.pp_schedule": "zbv"},
     **{f"dp2-lora-z{z}": {"parallel.dp": 2, "zero.stage": z} for z in range(4)},
     # QLoRA runs longer with a larger LR so that "trains" is visible as a falling loss on fresh batches.
     "dp2-qlora-z1": {"parallel.dp": 2, "zero.stage": 1, "peft.method": "qlora", **QLORA_TRAIN},

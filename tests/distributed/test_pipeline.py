@@ -94,14 +94,24 @@ def test_3d_dp2_pp2_tp2_on_8_ranks(tmp_path):
 INTERLEAVED = {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"}  # 4 layers -> 4 stages, 2 per rank
 
 
-def test_pp2_interleaved_1f1b_trainer_and_same_layout_resume(tmp_path):
+def test_pp2_interleaved_1f1b_and_zero_bubble_trainer_and_same_layout_resume(tmp_path):
     """Interleaved 1F1B through the trainer: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3 (one layer
     each); optimizer, clipping and checkpoints see both through one module with the original names. Then
-    4 steps saving at step 2 vs a resume from that step-2 checkpoint: steps 3-4 and the weights bit-identical."""
+    4 steps saving at step 2 vs a resume from that step-2 checkpoint: steps 3-4 and the weights bit-identical.
+    The zero-bubble schedules (split input/weight backward) with activation checkpointing, and DualPipeV on
+    GPT-2, whose V placement puts both copies of the tied embedding on rank 0 (stages 0 and 3): their grads add
+    locally and the gradient norm that clipping uses counts the weight once."""
     cases = {
         "pp2 interleaved llama": {"parallel.dp": 1, **INTERLEAVED},
         "pp2 interleaved llama +full ckpt": {"parallel.dp": 1, **INTERLEAVED, "activation_checkpointing.mode": "full"},
         "pp2 interleaved gpt2 (tied)": {"parallel.dp": 1, **INTERLEAVED, "model.path": "tiny-gpt2"},
+        "pp2 interleaved_zb llama +full ckpt": {"parallel.dp": 1, "parallel.pp": 2, "parallel.pp_schedule":
+                                                "interleaved_zb", "activation_checkpointing.mode": "full"},
+        "pp2 zbv llama +selective ckpt": {"parallel.dp": 1, "parallel.pp": 2, "parallel.pp_schedule": "zbv",
+                                          "activation_checkpointing.mode": "selective"},
+        "pp2 dualpipev gpt2 (tied, both copies on rank 0)": {"parallel.dp": 1, "parallel.pp": 2,
+                                                             "parallel.pp_schedule": "dualpipev",
+                                                             "model.path": "tiny-gpt2"},
     }
     a, b = tmp_path / "ck_straight", tmp_path / "ck_resumed"
     common = {**EXACT, "parallel.dp": 1, **INTERLEAVED, "train.steps": 4, "checkpoint.keep_last_k": 5}
@@ -112,9 +122,9 @@ def test_pp2_interleaved_1f1b_trainer_and_same_layout_resume(tmp_path):
                        "logging.metrics_file": str(tmp_path / "resumed.jsonl")}},
     ]
     ranks = _assert_matches_reference(2, cases, tmp_path, extra_scenarios=resume)
-    i = list(cases).index("pp2 interleaved gpt2 (tied)")
-    st = ranks[0][i]["state"]
-    assert (st["transformer.wte.weight"] - st["lm_head.weight"]).abs().max() == 0
+    for label in ("pp2 interleaved gpt2 (tied)", "pp2 dualpipev gpt2 (tied, both copies on rank 0)"):
+        st = ranks[0][list(cases).index(label)]["state"]
+        assert (st["transformer.wte.weight"] - st["lm_head.weight"]).abs().max() == 0, label
     # both virtual stages' parameters are in this rank's module and its memory report: the two ranks'
     # fp32 bytes add up to the HF model's, Adam state to twice that
     from trellis.engine.model import build_model
@@ -141,11 +151,13 @@ def test_pp2_interleaved_1f1b_trainer_and_same_layout_resume(tmp_path):
     assert dl == 0.0 and dw == 0.0  # bit-identical fp32
 
 
-def test_interleaved_1f1b_dp2_pp2_zero1_zero3_and_pp2_tp2(tmp_path):
+def test_interleaved_1f1b_dp2_pp2_zero1_zero3_and_pp2_tp2_and_zbv_tp2(tmp_path):
     cases = {
         "pp2·tp2 interleaved llama": {"parallel.dp": 1, **INTERLEAVED, "parallel.tp": 2},
         "dp2·pp2 interleaved llama zero1": {"parallel.dp": 2, **INTERLEAVED, "zero.stage": 1, "train.grad_accum": 2},
         "dp2·pp2 interleaved llama zero3": {"parallel.dp": 2, **INTERLEAVED, "zero.stage": 3, "train.grad_accum": 2},
+        # zero bubble's split backward through DTensor (vocab-parallel head and loss on rank 0's last stage)
+        "pp2·tp2 zbv llama": {"parallel.dp": 1, "parallel.pp": 2, "parallel.pp_schedule": "zbv", "parallel.tp": 2},
     }
     _assert_matches_reference(4, cases, tmp_path)
 
@@ -164,12 +176,20 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
     every stage is causal; GPT-2's tied copies stay bit-identical. One spawned group for all checks."""
     cases = [("tiny-llama", "gpipe", True), ("tiny-llama", "1f1b", True), ("tiny-llama", "interleaved_1f1b", True),
              ("tiny-gpt2", "1f1b", True), ("tiny-gpt2", "interleaved_1f1b", True),
-             ("tiny-opt", "1f1b", False), ("tiny-bloom", "gpipe", False), ("tiny-neox", "1f1b", False)]
-    ranks = run_ranks(2, pipeline_checks, cases, timeout=240)
+             ("tiny-opt", "1f1b", False), ("tiny-bloom", "gpipe", False), ("tiny-neox", "1f1b", False),
+             # zero bubble: round-robin ZB1P, DualPipeV (V placement, overlapped F/B pairs), ZBV with GPT-2's tied
+             # embedding: both copies on rank 0 (stages 0 and 3), their grads added locally
+             ("tiny-llama", "interleaved_zb", True), ("tiny-llama", "dualpipev", True), ("tiny-gpt2", "zbv", True)]
+    ranks = run_ranks(2, pipeline_checks, cases, timeout=420)
     for label in ranks[0]:
         first, last = ranks[0][label], ranks[1][label]
         # the two stages partition the model's parameters (the tied head weight is on both)
         assert not (set(first["param_names"]) & set(last["param_names"])) - {"lm_head.weight"}, label
+        # the rank running the last stage reports the loss (rank 0 under the V placement of zbv / dualpipev)
+        v = label.endswith(("zbv", "dualpipev"))
+        assert bool(first["loss_delta"]) == v and bool(last["loss_delta"]) != v, label
+        if v:
+            first, last = last, first
         dl = max(last["loss_delta"])
         dg = max(max(first["grad_delta"]), max(last["grad_delta"]))
         dw = max(max(first["weight_delta"]), max(last["weight_delta"]))
@@ -180,6 +200,8 @@ def test_pipeline_api_grads_equal_reference_per_fqn():
         assert last["eval_delta"] <= 1e-5, label
         if "tied_copy" in first:
             assert torch.equal(first["tied_copy"], last["tied_copy"]), label
+        if label == "tiny-gpt2 zbv":
+            assert last["tied_local_delta"] == 0.0, label
 
 
 def test_pipeline_eval_with_eval_batches_not_equal_to_grad_accum(tmp_path):

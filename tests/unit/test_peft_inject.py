@@ -35,12 +35,13 @@ def test_peft_config_per_method(method, cls):
         assert getattr(pc, "use_" + method)
 
 
+@pytest.mark.parametrize("schedule", ["interleaved_1f1b", "interleaved_zb", "zbv", "dualpipev"])
 @pytest.mark.parametrize("method", ["prefix", "ptuning_v2"])
-def test_per_layer_prefixes_under_interleaved_1f1b_are_a_clear_config_error(method):
+def test_per_layer_prefixes_under_two_virtual_stages_are_a_clear_config_error(method, schedule):
     from trellis.engine.peft.inject import make_injector
 
-    cfg = _cfg(**{"peft.method": method, "parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b"})
-    with pytest.raises(ConfigError, match=f"peft.method='{method}' with parallel.pp_schedule='interleaved_1f1b'.*"
+    cfg = _cfg(**{"peft.method": method, "parallel.pp": 2, "parallel.pp_schedule": schedule})
+    with pytest.raises(ConfigError, match=f"peft.method='{method}' with parallel.pp_schedule='{schedule}'.*"
                                           "use parallel.pp_schedule='1f1b'"):
         make_injector(cfg)(_model(cfg), SPEC)
 

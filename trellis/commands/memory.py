@@ -60,7 +60,9 @@ def _add_training_args(p: argparse.ArgumentParser, layout: bool) -> None:
         g.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch per rank")
         g.add_argument("--grad-accum", type=int, default=None,
                        help="micro-batches per optimizer step (pipeline: micro-batches in flight)")
-        g.add_argument("--pp-schedule", choices=["1f1b", "gpipe", "interleaved_1f1b"], default=None,
+        from trellis.parallel.pipeline import SCHEDULES
+
+        g.add_argument("--pp-schedule", choices=list(SCHEDULES), default=None,
                        help="pipeline schedule (how many micro-batches' activations a stage holds)")
         g.add_argument("--sequence-parallel", action="store_true", default=None,
                        help="shard norm/dropout activations over tp")
