@@ -256,10 +256,13 @@ class DeepSpeedBackend(Backend):
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches)  # data parallel only: the world is the dp group
 
-    def _world_sum(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64)
+    def _reduce_step_scalars(self, loss: float, nonfinite: bool) -> tuple[float, bool]:
+        """The step's scalars in ONE all-reduce (SUM over the dp world): this rank's part of the loss and its
+        non-finite flag -> (world loss, any rank non-finite). One float64 tensor, one host sync."""
+        t = torch.tensor([loss, float(nonfinite)], dtype=torch.float64)
         dist.all_reduce(t)
-        return float(t.item())
+        world_loss, flags = t.tolist()
+        return world_loss, flags > 0
 
     def _loss_sum(self, b: Batch, loss_fn: LossFn | None) -> torch.Tensor:
         dev = self.engine.device
@@ -279,17 +282,21 @@ class DeepSpeedBackend(Backend):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         skipped_before = self.engine.skipped_steps
-        total = 0.0
+        total = None  # this rank's loss part, summed on the device: no host sync per micro-batch
         for b in micro_batches:
             loss = self._loss_sum(b, loss_fn) / norm
             # ×dp undoes DeepSpeed's dp average; scale_wrt_gas=False keeps our global-token normalisation.
             self.engine.backward(loss * self.dp, scale_wrt_gas=False)
             self.engine.step()  # an optimizer update only at DeepSpeed's accumulation boundary
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
         skipped = self.engine.skipped_steps > skipped_before
+        # DeepSpeed's clipping already reduced the gradient norm over dp (same value on every rank): no
+        # collective of ours for it.
         gn = self.engine.get_global_grad_norm()
         gn = float(gn) if gn is not None and not skipped else math.nan
-        return StepResult(loss=self._world_sum(total), grad_norm=gn, skipped=skipped,
+        part = float(total)
+        loss, _ = self._reduce_step_scalars(part, not math.isfinite(part))
+        return StepResult(loss=loss, grad_norm=gn, skipped=skipped,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(norm))
 
     @torch.no_grad()
@@ -297,10 +304,11 @@ class DeepSpeedBackend(Backend):
         norm = float(self._global_tokens(micro_batches))
         self.engine.eval()
         try:
-            total = sum(float(self._loss_sum(b, loss_fn)) for b in micro_batches) / norm
+            total = float(sum(self._loss_sum(b, loss_fn) for b in micro_batches)) / norm
         finally:
             self.engine.train()
-        return self._world_sum(total)
+        loss, _ = self._reduce_step_scalars(total, not math.isfinite(total))
+        return loss
 
     # ---- introspection -------------------------------------------------------------------------
     def memory_report(self) -> dict:
