@@ -19,19 +19,12 @@ def _run(code: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_training_entry_imports_no_optional_package():
-    got = _run(f"""
-import json, sys
-import trellis.engine.run, trellis.engine.trainer, trellis.engine.api
-print(json.dumps(sorted(m for m in {HEAVY + ("peft",)!r} if m in sys.modules)))
-""")
-    assert got == []
-
-
-def test_lora_injection_imports_no_bitsandbytes_and_qlora_after_it_still_quantizes():
+def test_training_entry_and_lora_injection_import_no_bitsandbytes_and_qlora_after_it_still_quantizes():
     got = _run(f"""
 import json, sys
 import torch
+import trellis.engine.run, trellis.engine.trainer, trellis.engine.api  # what `trellis train` / the API import
+entry = sorted(m for m in {HEAVY + ("peft",)!r} if m in sys.modules)
 from trellis import configs
 from trellis.engine.model import build_model
 from trellis.engine.peft.inject import make_injector
@@ -53,12 +46,13 @@ qlora = inject("qlora")  # same process: peft was imported with bitsandbytes hid
 q = qlora.model.layers[0].self_attn.q_proj
 x = torch.randint(0, qlora.config.vocab_size, (1, 8))
 qlora(input_ids=x).logits.sum().backward()
-print(json.dumps({{"after_lora": after_lora, "n_lora": n_lora, "bnb_seen_after_lora": seen_by_peft,
+print(json.dumps({{"entry": entry, "after_lora": after_lora, "n_lora": n_lora, "bnb_seen_after_lora": seen_by_peft,
                   "bnb_seen_after_qlora": import_utils.is_bnb_4bit_available(),
                   "helpers_bnb": peft.helpers.bnb is not None,
                   "q_base": f"{{type(q.base_layer).__module__}}.{{type(q.base_layer).__name__}}",
                   "q_grad": q.lora_A["default"].weight.grad is not None}}))
 """)
+    assert got["entry"] == [], got  # the training entry imports no optional package (peft only for PEFT)
     assert got["after_lora"] == [], got
     assert got["n_lora"] > 0 and got["bnb_seen_after_lora"] is False  # LoRA injected; peft saw no bitsandbytes
     # QLoRA afterwards: peft sees bitsandbytes again, the base is 4-bit and the adapter trains
