@@ -265,11 +265,6 @@ class DeepSpeedBackend(Backend):
     def _global_tokens(self, micro_batches: list[Batch]) -> int:
         return global_token_count(micro_batches)  # data parallel only: the world is the dp group
 
-    def _world_sum(self, x: float) -> float:
-        t = torch.tensor([x], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t.item())
-
     def _loss_sum(self, b: Batch, loss_fn: LossFn | None) -> torch.Tensor:
         dev = self.engine.device
         b = on_device(b, dev)  # once: the forward's inputs and the loss's labels / extras
@@ -289,19 +284,20 @@ class DeepSpeedBackend(Backend):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         skipped_before = self.engine.skipped_steps
-        total = 0.0
+        total = None  # this rank's loss part, summed on the device: no host sync per micro-batch
         for b in micro_batches:
             loss = self._loss_sum(b, loss_fn) / norm
             # ×dp undoes DeepSpeed's dp average; scale_wrt_gas=False keeps our global-token normalisation.
             self.engine.backward(loss * self.dp, scale_wrt_gas=False)
             self.engine.step()  # an optimizer update only at DeepSpeed's accumulation boundary
-            total += float(loss.detach())
+            total = loss.detach() if total is None else total + loss.detach()
         skipped = self.engine.skipped_steps > skipped_before
-        gn = self.engine.get_global_grad_norm()
+        gn = self.engine.get_global_grad_norm()  # reduced over dp by DeepSpeed's clipping: none of ours
         gn = float(gn) if gn is not None and not skipped else math.nan
-        red = reduce_step_scalars(total, 0, 0.0, stop_signal, torch.device("cpu"))
-        return StepResult(loss=red.loss, grad_norm=gn, skipped=skipped, nonfinite=red.nonfinite or not math.isfinite(gn),
-                          stop_signal=red.stop_signal,
+        # loss, non-finite flag and stop signal: the step's one scalar all-reduce (engine/backends/base.py)
+        red = reduce_step_scalars(total if total is not None else 0.0, 0, 0.0, stop_signal, self.engine.device)
+        return StepResult(loss=red.loss, grad_norm=gn, skipped=skipped, stop_signal=red.stop_signal,
+                          nonfinite=red.nonfinite or (not skipped and not math.isfinite(gn)),
                           loss_scale=self.scaler.scale if self.scaler is not None else None, tokens=int(norm))
 
     @torch.no_grad()
@@ -309,10 +305,10 @@ class DeepSpeedBackend(Backend):
         norm = float(self._global_tokens(micro_batches))
         self.engine.eval()
         try:
-            total = sum(float(self._loss_sum(b, loss_fn)) for b in micro_batches) / norm
+            total = sum(self._loss_sum(b, loss_fn) for b in micro_batches) / norm
         finally:
             self.engine.train()
-        return self._world_sum(total)
+        return reduce_step_scalars(total, 0, 0.0, 0, self.engine.device).loss
 
     # ---- introspection -------------------------------------------------------------------------
     def memory_report(self) -> dict:

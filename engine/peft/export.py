@@ -34,6 +34,7 @@ from ..checkpoint import io
 from ..checkpoint.convert import full_sections, require_native, write_hf_extras
 from ..model import build_model
 from .inject import PROMPT_LEARNING, build_peft_config
+from .lazy import import_peft
 from .prompt import PROMPT_MODULE, prompt_config
 from .quantize import quant_spec
 
@@ -114,7 +115,8 @@ def _fuse_gpt2_qkv(state: dict[str, torch.Tensor], pc, rslora: bool) -> dict[str
 
 def load_peft_model(path: Path, *, dequantized_base: bool = False):
     """(peft model with the checkpoint's adapters, run config, model dir) on the unsharded fp32 base."""
-    from peft import get_peft_model
+    # the base is full precision here (a QLoRA base is dequantized first): peft needs no bitsandbytes
+    get_peft_model = import_peft(bitsandbytes=False).get_peft_model
 
     meta = io.verify(path)
     cfg = _run_config(path, meta)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from trellis.configs.schema import PEFT_PROMPT_METHODS
+from trellis.configs.validate import base_quantization
 from trellis.errors import ConfigError
 from trellis.parallel.models import family_for
 from trellis.parallel.prompt_hooks import PromptHooks
@@ -27,6 +28,7 @@ from trellis.parallel.quant4bit import mark_for_tp_quantization, quantize_blocks
 
 from ..model import load_hf_config
 from .init_adapter import check_agrees, load_init_adapter, read_adapter_config, refuse_unfused_families
+from .lazy import import_peft
 from .prompt import attach_prompt_learning
 from .quantize import quant_spec
 
@@ -34,16 +36,14 @@ INJECTABLE = ("lora", "rslora", "dora", "qlora", "ia3", "lokr", "loha", "adalora
 PROMPT_LEARNING = PEFT_PROMPT_METHODS
 
 
-def _require_peft():
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise ConfigError("peft.method needs the peft package: pip install 'trellis-train[peft]'") from None
+def _require_peft(cfg):
+    """peft imported, with bitsandbytes only for a quantized base (engine/peft/lazy.py)."""
+    import_peft(bitsandbytes=base_quantization(cfg) != "none")
 
 
 def build_peft_config(cfg, spec, total_steps: int):
     """The peft config object for `cfg.peft` with the family's default targets."""
-    _require_peft()
+    _require_peft(cfg)
     import peft
 
     p = cfg.peft
@@ -98,7 +98,7 @@ def make_injector(cfg):
     place and freezes the base; prompt learning returns what the pipeline stages need to know."""
 
     def inject(model: torch.nn.Module, spec) -> PromptHooks | None:
-        _require_peft()
+        _require_peft(cfg)
         from peft import inject_adapter_in_model
         from peft.tuners.tuners_utils import cast_adapter_dtype
 
