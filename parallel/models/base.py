@@ -32,6 +32,10 @@ class FamilySpec:
     #   "rowwise"  - in-features sharded, output all-reduced
     #   "colwise_qkv_headmajor" - fused per-head [h, 3, d] layout: contiguous sharding keeps whole heads
     tp_plan: dict[str, str] = field(default_factory=dict)
+    # Per-head norms inside a block (Qwen3's q_norm / k_norm over head_dim, input [b, s, heads, head_dim]):
+    # replicated weights that each tp rank applies to its own heads, so their gradients are partial sums over
+    # the local heads; tensor parallel runs them on a heads-sharded DTensor input so the gradient is all-reduced.
+    tp_head_norms: tuple[str, ...] = ()
     # Modules whose parameters are LoRA/adapter targets by default.
     default_lora_targets: tuple[str, ...] = ()
     # Conv1D (in, out) weights that are converted to nn.Linear before parallelization (GPT-2).

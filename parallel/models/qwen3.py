@@ -1,7 +1,8 @@
 """Qwen3: Llama's block plus per-head RMSNorm of q and k (q_norm, k_norm over head_dim).
 
-Under tensor parallel q/k/v are sharded by whole heads, so the per-head norms act on local heads with
-their full head_dim: they stay replicated (not in the plan) and need no communication.
+Under tensor parallel q/k/v are sharded by whole heads, so the per-head norms act on local heads with their
+full head_dim: the forward needs no communication, and the weights stay replicated; but each rank's weight
+gradient only sums its own heads, so the norms are `tp_head_norms` (their gradients are all-reduced over tp).
 """
 
 from .base import FamilySpec
@@ -41,6 +42,7 @@ SPEC = FamilySpec(
         "mlp.up_proj": "colwise",
         "mlp.down_proj": "rowwise",
     },
+    tp_head_norms=("self_attn.q_norm", "self_attn.k_norm"),
     default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     sp_plan={"input_layernorm": "norm", "self_attn": "gather", "post_attention_layernorm": "norm", "mlp": "gather"},
     read_dims=_dims,
