@@ -209,9 +209,13 @@ def _check_train(out, ov, model_type, label):
 def test_tp2_every_family(tmp_path):
     cases = [(f, False) for f in ("llama", "gpt2", "opt", "bloom", "gpt_neox", *NEW_FAMILIES)]
     cases += [(f, True) for f in ("llama", "gpt2", "bloom", "gpt_neox", *NEW_FAMILIES)]
-    scenarios = [{"overrides": {**EXACT, "model.path": f, "parallel.dp": 1, "parallel.tp": 2,
+    # tiny-qwen3: with eps=1e-6 its embedding rows whose gradient sums cancel to rounding level move by
+    # lr·g/eps under Adam, so the two reduction orders differ there by 1.1e-5 (every other weight <= 2.0e-6,
+    # Δloss 4.8e-7); eps=1e-5 keeps that amplification at rounding level, as EXACT's eps does for the others.
+    eps = {"tiny-qwen3": {"train.eps": 1e-5}}
+    scenarios = [{"overrides": {**EXACT, **eps.get(f, {}), "model.path": f, "parallel.dp": 1, "parallel.tp": 2,
                                 "logging.metrics_file": str(tmp_path / f"{f}.jsonl")}} for f in PRESETS]
-    ranks = run_ranks(2, tp_numerics, cases, scenarios, timeout=400)
+    ranks = run_ranks(2, tp_numerics, cases, scenarios, timeout=500)
     _check_module_results(ranks, "tp2")
     for i, (f, sc) in enumerate(zip(PRESETS, scenarios)):
         model_type = PRESETS[f]
