@@ -193,6 +193,12 @@ EXACT = {"train.eps": 1e-6, "train.steps": 3, "train.micro_batch_size": 2, "trai
 PRESETS = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-opt": "opt", "tiny-bloom": "bloom", "tiny-neox": "gpt_neox",
            "tiny-qwen3": "qwen3", "tiny-phi3": "phi3", "tiny-gemma2": "gemma2"}
 NEW_FAMILIES = ("qwen3", "phi3", "gemma2")  # issue 19
+# The new families train at Adam eps=1e-5: with eps=1e-6, weights whose gradient sums cancel to rounding level
+# move by lr·g/eps, so two reduction orders differ there by ~1e-5 (tp2 tiny-qwen3: the embedding 1.1e-5, every
+# other weight <= 2.0e-6, Δloss 4.8e-7; pp2 tiny-phi3, whose unfused q/k/v reorder the input-gradient sums:
+# 1.08e-5 with Δloss 0.0). eps=1e-5 keeps that amplification at rounding level (qwen3 tp2: 1.3e-6), as
+# EXACT's eps does for the older five; the tolerance stays 1e-5.
+NEW_EPS = {"train.eps": 1e-5}
 
 
 def _check_train(out, ov, model_type, label):
@@ -209,10 +215,7 @@ def _check_train(out, ov, model_type, label):
 def test_tp2_every_family(tmp_path):
     cases = [(f, False) for f in ("llama", "gpt2", "opt", "bloom", "gpt_neox", *NEW_FAMILIES)]
     cases += [(f, True) for f in ("llama", "gpt2", "bloom", "gpt_neox", *NEW_FAMILIES)]
-    # tiny-qwen3: with eps=1e-6 its embedding rows whose gradient sums cancel to rounding level move by
-    # lr·g/eps under Adam, so the two reduction orders differ there by 1.1e-5 (every other weight <= 2.0e-6,
-    # Δloss 4.8e-7); eps=1e-5 keeps that amplification at rounding level, as EXACT's eps does for the others.
-    eps = {"tiny-qwen3": {"train.eps": 1e-5}}
+    eps = {f"tiny-{f}": NEW_EPS for f in NEW_FAMILIES}
     scenarios = [{"overrides": {**EXACT, **eps.get(f, {}), "model.path": f, "parallel.dp": 1, "parallel.tp": 2,
                                 "logging.metrics_file": str(tmp_path / f"{f}.jsonl")}} for f in PRESETS]
     ranks = run_ranks(2, tp_numerics, cases, scenarios, timeout=500)
