@@ -183,7 +183,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, spec: FamilySpec, *, sequen
             plan.update(adapter_plan(block, path, _style(kind, sequence_parallel), kind))
         parallelize_module(block, tp_mesh, plan)
         for path in spec.tp_head_norms:  # per-head norms: input sharded over heads (dim 2), weight Replicate
-            parallelize_module(block.get_submodule(path), tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
+            parallelize_module(block.get_submodule(path), tp_mesh,
+                               SequenceParallel(sequence_dim=2, use_local_output=True))
         _localize_attention_attrs(block, spec, tp)
         if spec.alibi:
             block.get_submodule(spec.attention).register_forward_pre_hook(

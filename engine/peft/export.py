@@ -9,8 +9,8 @@ AdaLoRA: the checkpoint's final rank pattern goes into the config, so peft saves
 cut to the ranks the budget kept (and loads them back at those ranks), as its own training loop would.
 
 GPT-2 (and Phi-3's qkv_proj / gate_up_proj alike): trellis trains it with c_attn unfused into q/k/v Linears
-(parallel/hf_surgery.py), each with its own rank-r LoRA; peft's format addresses the fused Conv1D c_attn. Three rank-r adapters are exactly one
-rank-3r adapter on the fused layer: A = [A_q; A_k; A_v] and B = blockdiag(B_q, B_k, B_v), with c_attn's rank
+(parallel/hf_surgery.py), each with its own rank-r LoRA; peft's format addresses the fused Conv1D c_attn.
+Three rank-r adapters are exactly one rank-3r adapter on the fused layer: A = [A_q; A_k; A_v] and B = blockdiag(B_q, B_k, B_v), with c_attn's rank
 and alpha set per module (rank_pattern / alpha_pattern) so the scaling is unchanged. LoRA / rsLoRA only.
 
 Merged export with a 4-bit base (QLoRA): the adapters were trained against the *dequantized* 4-bit

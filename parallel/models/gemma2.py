@@ -18,7 +18,8 @@ def _dims(c) -> dict:
     hd = int(c.get("head_dim", default=h // heads))
     bias = c.flag("attention_bias", False)
     return dict(hidden=h, layers=c.require("num_hidden_layers"), heads=heads,
-                kv_heads=int(c.get("num_key_value_heads", default=heads)), head_dim=hd, ffn=c.require("intermediate_size"),
+                kv_heads=int(c.get("num_key_value_heads", default=heads)), head_dim=hd,
+                ffn=c.require("intermediate_size"),
                 tied=c.flag("tie_word_embeddings", True), norm="rms", qkv_bias=bias, o_bias=bias, gated_mlp=True,
                 act=c.get("hidden_activation", "hidden_act", default="gelu_pytorch_tanh"), rotary_dim=hd,
                 block_norms=4, attn_impl="eager")

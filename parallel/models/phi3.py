@@ -16,9 +16,11 @@ def _dims(c) -> dict:
     heads = c.require("num_attention_heads")
     hd = int(c.get("head_dim", default=h // heads))
     return dict(hidden=h, layers=c.require("num_hidden_layers"), heads=heads,
-                kv_heads=int(c.get("num_key_value_heads", default=heads)), head_dim=hd, ffn=c.require("intermediate_size"),
+                kv_heads=int(c.get("num_key_value_heads", default=heads)), head_dim=hd,
+                ffn=c.require("intermediate_size"),
                 tied=c.flag("tie_word_embeddings", False), norm="rms", gated_mlp=True,
-                act=c.get("hidden_act", default="silu"), rotary_dim=int(hd * float(c.get("partial_rotary_factor", default=1.0))))
+                act=c.get("hidden_act", default="silu"),
+                rotary_dim=int(hd * float(c.get("partial_rotary_factor", default=1.0))))
 
 
 def _rope_type(c) -> str:

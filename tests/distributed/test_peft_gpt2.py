@@ -157,7 +157,8 @@ def test_family_tp2_lora_equals_peft_reference_and_exports(runs, family, tmp_pat
     tensors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     if family == "phi3":
         assert not any(p in k for k in tensors for p in (".qkv_proj.q.", ".qkv_proj.k.", ".gate_up_proj.up."))
-        assert any(k.endswith("qkv_proj.lora_B.weight") and v.shape == (128, 3 * cfg.peft.r) for k, v in tensors.items())
+        assert any(k.endswith("qkv_proj.lora_B.weight") and v.shape == (128, 3 * cfg.peft.r)
+                   for k, v in tensors.items())
     base, _ = build_model(cfg.model, seed=cfg.train.seed)
     model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32)

@@ -60,8 +60,8 @@ def test_pp2_schedules_families_and_splits(tmp_path):
         "pp2 qwen3 (q/k norms)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-qwen3", **NEW_EPS},
         "pp2 phi3 (fused qkv / gate_up)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-phi3", **NEW_EPS},
         # eager attention (explicit causal mask in the stages), final-logit softcap on the last stage, tied
-        "pp2 gemma2 (softcaps, scaled embedding, tied)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-gemma2",
-                                                          **NEW_EPS},
+        "pp2 gemma2 (softcaps, scaled embedding, tied)": {"parallel.dp": 1, "parallel.pp": 2,
+                                                          "model.path": "tiny-gemma2", **NEW_EPS},
     }
     ranks = _assert_matches_reference(2, cases, tmp_path)
     # tied copies on the first and last stage stay identical after the optimizer steps
