@@ -30,7 +30,7 @@ from .checkpoint.checkpointer import Checkpointer
 from .data import Batch, GlobalBatchSampler, PackedDataset, StepBatches, build_dataset
 from .distributed import DistContext, broadcast_object, init_distributed
 from .loss import LossFn
-from .model import build_model, check_vocab
+from .model import build_model, check_family_config, check_vocab
 from .optim import lr_at
 from .peft.inject import make_injector
 from .tokenizer import find_tokenizer, load_tokenizer
@@ -87,6 +87,7 @@ class Engine:
         max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         if max_pos and cfg.data.seq_len > max_pos:
             raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max positions {max_pos}")
+        check_family_config(model.config, cfg.data.seq_len)
         self.model_type = model.config.model_type
         self.hf_config = model.config
         self.num_params = sum(p.numel() for p in model.parameters())

@@ -10,8 +10,8 @@ import torch
 from trellis.configs import PRESET_DIR
 from trellis.errors import ConfigError
 
-# Families transformers cannot run with sdpa attention.
-_NO_SDPA = ("bloom",)
+# Families transformers cannot run with sdpa attention (BLOOM: ALiBi; Gemma-2: soft-capped attention logits).
+_NO_SDPA = ("bloom", "gemma2")
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
@@ -65,7 +65,7 @@ def build_model(model_cfg, *, seed: int, device: str | torch.device = "cpu"):
         raise ConfigError(f"model.init='pretrained' but {model_dir} has no weights ({', '.join(_WEIGHT_FILES)})")
     attn = model_cfg.attn_implementation
     if attn == "sdpa" and hf_config.model_type in _NO_SDPA:
-        attn = "eager"  # e.g. BLOOM: ALiBi needs the eager path (its model-level mask is causal)
+        attn = "eager"  # BLOOM: ALiBi needs the eager path (its model-level mask is causal); Gemma-2: softcap
     if pretrained:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), config=hf_config, dtype=torch.float32, attn_implementation=attn)
@@ -95,3 +95,13 @@ def check_vocab(model, tokenizer) -> None:
             f"model vocab_size={v_model} < tokenizer size {v_tok}: the tokenizer has ids the model has no embedding "
             "for; set model.tokenizer to the tokenizer the model was built for, or set vocab_size >= "
             f"{v_tok} in the model's config.json")
+
+
+def check_family_config(hf_config, seq_len: int) -> None:
+    """The family's own limits (parallel/models/<family>.py `check_config`): sliding windows, RoPE types."""
+    from trellis.parallel.models import family_for
+
+    check = family_for(hf_config.model_type).check_config
+    msg = check(hf_config, seq_len) if check is not None else None
+    if msg:
+        raise ConfigError(msg)

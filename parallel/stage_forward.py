@@ -3,7 +3,8 @@
 HF models build masks, rotary and ALiBi tensors at model level; a stage has to rebuild what its blocks
 need. Attention inside a stage must stay causal (HF eager attention with attention_mask=None is
 silently bidirectional): sdpa families get attention_mask=None, which HF's sdpa path runs with
-is_causal=True; BLOOM (eager only) gets an explicit additive causal mask.
+is_causal=True; BLOOM and Gemma-2 (eager only) get an explicit additive causal mask. The last stage applies
+the family's final-logit soft-capping (Gemma-2's `final_logit_softcapping`) as HF's *ForCausalLM does.
 
 PEFT prefix tuning (parallel/prompt_hooks.py, engine/peft/prompt.py) gives every block a read-only key/value
 prefix of `stage.prefix_len` virtual positions: positions then start at prefix_len (as HF offsets them by the cache
@@ -70,6 +71,10 @@ def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor, segment_i
     return h
 
 
+def _eager(stage: nn.Module) -> bool:
+    return getattr(stage.config, "_attn_implementation", "sdpa") == "eager"
+
+
 def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: torch.Tensor,
                segment_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     n = stage.prefix_len  # PEFT key/value prefix positions in front of every block's keys
@@ -90,11 +95,8 @@ def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: t
     if segment_ids is not None:  # packed rows: block-causal, additive (a boolean 4D mask is wrong under eager)
         kwargs["attention_mask"] = block_causal_mask(segment_ids, h.dtype, prefix_len=n,
                                                      virtual_tokens=stage.virtual_tokens)
-    elif spec.alibi:
-        kwargs["attention_mask"] = _causal_mask(b, s, n, h.dtype, h.device, additive=True)
-    elif n:
-        eager = getattr(stage.config, "_attn_implementation", "sdpa") == "eager"
-        kwargs["attention_mask"] = _causal_mask(b, s, n, h.dtype, h.device, additive=eager)
+    elif spec.alibi or n or _eager(stage):
+        kwargs["attention_mask"] = _causal_mask(b, s, n, h.dtype, h.device, additive=spec.alibi or _eager(stage))
     else:
         kwargs["attention_mask"] = None
     for block in blocks:
@@ -109,4 +111,8 @@ def head(stage: nn.Module, spec: FamilySpec, h: torch.Tensor) -> torch.Tensor:
         dec = stage.get_submodule(spec.backbone)
         if dec.project_out is not None:
             h = dec.project_out(h)
-    return stage.get_submodule(spec.lm_head)(h)
+    logits = stage.get_submodule(spec.lm_head)(h)
+    cap = getattr(stage.config, "final_logit_softcapping", None)
+    if cap:  # Gemma-2, as Gemma2ForCausalLM.forward
+        logits = torch.tanh(logits / cap) * cap
+    return logits

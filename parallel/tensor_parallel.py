@@ -182,6 +182,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, spec: FamilySpec, *, sequen
         for path, kind in spec.tp_plan.items():
             plan.update(adapter_plan(block, path, _style(kind, sequence_parallel), kind))
         parallelize_module(block, tp_mesh, plan)
+        for path in spec.tp_head_norms:  # per-head norms: input sharded over heads (dim 2), weight Replicate
+            norm = block.get_submodule(path)
+            frozen = {n for n, p in norm.named_parameters() if not p.requires_grad}  # PEFT: a frozen base
+            parallelize_module(norm, tp_mesh, SequenceParallel(sequence_dim=2, use_local_output=True))
+            for n, p in norm.named_parameters():
+                p.requires_grad_(n not in frozen)  # distributing makes new Parameters (requires_grad=True)
         _localize_attention_attrs(block, spec, tp)
         if spec.alibi:
             block.get_submodule(spec.attention).register_forward_pre_hook(

@@ -46,10 +46,17 @@ def _norm_terms(d: ModelDims) -> tuple[float, float]:
 def layer_acts(d: ModelDims) -> LayerActs:
     H, Hd, KVd, f = d.heads, d.heads * d.head_dim, d.kv_heads * d.head_dim, d.ffn
     nh, nstat = _norm_terms(d)
-    if d.family in ("llama", "mistral", "qwen2"):
-        # sdpa (flash): q, k, v, out (out doubles as o_proj input) + logsumexp per head;
-        # SwiGLU: gate, silu(gate), up, gate*up.
+    if d.family == "gemma2":
+        # eager soft-capped attention: q, k, v, out, and per score the capped logits (tanh output) and the
+        # softmax probabilities; four norms per block; GeGLU: gate, act(gate), up, gate*up.
         attn = 2 * Hd + 2 * KVd
+        return LayerActs(h=4 * nh, sharded=attn + 4 * f, f32_h=4 * nstat, f32_sharded=0, quad=2 * H,
+                         attn_sharded=attn, attn_quad=2 * H, mlp=4 * f, attn_in=3, mlp_in=2)
+    if d.family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
+        # sdpa (flash): q, k, v, out (out doubles as o_proj input) + logsumexp per head;
+        # SwiGLU: gate, silu(gate), up, gate*up. Qwen3's per-head q/k norms: their inputs (+ Hd + KVd);
+        # Phi-3 runs its unfused qkv / gate_up parts like Llama's separate projections.
+        attn = 2 * Hd + 2 * KVd + (Hd + KVd if d.qk_norm else 0)
         return LayerActs(h=2 * nh, sharded=attn + 4 * f, f32_h=2 * nstat, f32_sharded=H, quad=0,
                          attn_sharded=attn, attn_quad=0, mlp=4 * f, attn_in=3, mlp_in=2)
     mlp = _ACT_SAVES.get(d.act, 2) * f

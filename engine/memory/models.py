@@ -21,7 +21,7 @@ from trellis.parallel.models.dims import Linear, ModelDims, dims_from_hf_config,
 __all__ = ["Linear", "ModelDims", "dims_from_hf_config", "dims_from_params", "layer_linears", "param_counts",
            "preset_names", "resolve_model", "total_params", "with_overrides"]
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt2", "opt", "bloom", "gpt_neox", "generic")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2", "opt", "bloom", "gpt_neox", "generic")
 
 
 def _configs_dir() -> Path:
@@ -114,7 +114,8 @@ def param_counts(d: ModelDims) -> ParamCounts:
     if d.embed_norm:
         emb += 2 * d.hidden
     return ParamCounts(embedding=emb, vocab_embedding=vocab_emb, per_layer_linear_weights=w,
-                       per_layer_linear_biases=b, per_layer_norms=2 * _norm_params(d),
+                       per_layer_linear_biases=b,
+                       per_layer_norms=d.block_norms * _norm_params(d) + (2 * d.head_dim if d.qk_norm else 0),
                        final_norm=_norm_params(d) if d.final_norm else 0,
                        head=0 if d.tied else d.vocab * emb_dim)
 

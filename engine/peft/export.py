@@ -8,9 +8,9 @@ the run's peft config, the adapters are loaded under their FQNs and peft itself 
 AdaLoRA: the checkpoint's final rank pattern goes into the config, so peft saves each module's lora_A/E/B
 cut to the ranks the budget kept (and loads them back at those ranks), as its own training loop would.
 
-GPT-2: trellis trains it with c_attn unfused into q/k/v Linears (parallel/hf_surgery.py), each with its own
-rank-r LoRA; peft's format addresses the fused Conv1D c_attn. Three rank-r adapters are exactly one
-rank-3r adapter on the fused layer: A = [A_q; A_k; A_v] and B = blockdiag(B_q, B_k, B_v), with c_attn's rank
+GPT-2 (and Phi-3's qkv_proj / gate_up_proj alike): trellis trains it with c_attn unfused into q/k/v Linears
+(parallel/hf_surgery.py), each with its own rank-r LoRA; peft's format addresses the fused Conv1D c_attn.
+Three rank-r adapters are exactly one rank-3r adapter on the fused layer: A = [A_q; A_k; A_v] and B = blockdiag(B_q, B_k, B_v), with c_attn's rank
 and alpha set per module (rank_pattern / alpha_pattern) so the scaling is unchanged. LoRA / rsLoRA only.
 
 Merged export with a 4-bit base (QLoRA): the adapters were trained against the *dequantized* 4-bit
@@ -76,16 +76,32 @@ def _dequantize_like_training(model, spec, cfg, tp: int) -> None:
         raise CheckpointError("a 4-bit decoder-block linear is not in the family's TP plan; cannot rebuild it")
 
 
-def _fuse_gpt2_qkv(state: dict[str, torch.Tensor], pc, rslora: bool) -> dict[str, torch.Tensor]:
-    """LoRA tensors of trellis' unfused GPT-2 (c_attn.{q,k,v}) as LoRA of HF's fused c_attn, in place of
-    them; `pc` gets the exact adapted module names and c_attn's rank / alpha patterns."""
+def _fused_groups(spec, base) -> dict[str, list[tuple[str, int]]]:
+    """Leaf name of each fused HF linear trellis trains unfused -> its parts and their output widths:
+    GPT-2's c_attn (q, k, v of hidden each), Phi-3's qkv_proj and gate_up_proj (FamilySpec.fused)."""
+    from trellis.parallel.models.dims import dims_from_hf_config, size_of
+
+    if spec.name == "gpt2":
+        h = base.config.n_embd
+        return {"c_attn": [("q", h), ("k", h), ("v", h)]}
+    d = dims_from_hf_config(base.config)
+    return {path.rpartition(".")[2]: [(n, size_of(d, e)) for n, e in parts] for path, parts in spec.fused.items()}
+
+
+def _fuse_lora(state: dict[str, torch.Tensor], pc, rslora: bool, groups: dict[str, list[tuple[str, int]]]
+               ) -> dict[str, torch.Tensor]:
+    """LoRA tensors of trellis' unfused parts (GPT-2 c_attn.{q,k,v}, Phi-3 qkv_proj.{q,k,v} and
+    gate_up_proj.{gate,up}) as LoRA of HF's fused linear, in place of them; `pc` gets the exact adapted module
+    names and the fused modules' rank / alpha patterns. m rank-r adapters are exactly one rank-m·r adapter:
+    A = [A_1; ...; A_m], B block-diagonal (rows of the parts that have no adapter stay zero)."""
     out: dict[str, torch.Tensor] = {}
     fused: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
     modules = set()
     for k, v in state.items():
         mod, _, rest = k.partition(".lora_")
         parent, _, part = mod.rpartition(".")
-        if parent.endswith(".c_attn") and part in ("q", "k", "v"):
+        leaf = parent.rpartition(".")[2]
+        if leaf in groups and part in dict(groups[leaf]):
             if rest.startswith("A."):
                 a, b = v, state[f"{mod}.lora_B.{rest[2:]}"]
                 fused.setdefault(parent, {})[part] = (a, b)
@@ -95,21 +111,31 @@ def _fuse_gpt2_qkv(state: dict[str, torch.Tensor], pc, rslora: bool) -> dict[str
     r, alpha = pc.r, pc.lora_alpha
     pc.rank_pattern, pc.alpha_pattern = dict(pc.rank_pattern or {}), dict(pc.alpha_pattern or {})
     for parent, parts in fused.items():
-        names = [x for x in ("q", "k", "v") if x in parts]
-        h = parts[names[0]][1].shape[0]
+        layout = groups[parent.rpartition(".")[2]]
+        names = [n for n, _ in layout if n in parts]
         m = len(names)
         a = torch.cat([parts[x][0] for x in names])
-        b = torch.zeros(3 * h, m * r, dtype=a.dtype)
+        b = torch.zeros(sum(w for _, w in layout), m * r, dtype=a.dtype)
+        offsets, start = {}, 0
+        for n, w in layout:
+            offsets[n], start = (start, w), start + w
         for i, x in enumerate(names):
-            j = "qkv".index(x)
-            b[j * h:(j + 1) * h, i * r:(i + 1) * r] = parts[x][1]
+            o, w = offsets[x]
+            b[o:o + w, i * r:(i + 1) * r] = parts[x][1]
         out[f"{parent}.lora_A.default.weight"], out[f"{parent}.lora_B.default.weight"] = a, b
         modules.add(parent)
         # scaling alpha/r (rsLoRA alpha/sqrt(r)) must not change with the rank: r' = m r
         pc.rank_pattern[parent] = m * r
         pc.alpha_pattern[parent] = alpha * (m ** 0.5 if rslora else m)
     pc.target_modules = sorted(modules)
-    pc.fan_in_fan_out = True  # HF GPT-2's Conv1D stores weights (in, out)
+    return out
+
+
+def refuse_lora(state: dict[str, torch.Tensor], pc, rslora: bool, spec, base) -> dict[str, torch.Tensor]:
+    """The adapters of a family trellis trains unfused (GPT-2, Phi-3) in peft's format for the HF model."""
+    out = _fuse_lora(state, pc, rslora, _fused_groups(spec, base))
+    if spec.name == "gpt2":
+        pc.fan_in_fan_out = True  # HF GPT-2's Conv1D stores weights (in, out)
     return out
 
 
@@ -123,9 +149,11 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     base, model_dir = build_model(cfg.model, seed=cfg.train.seed)
     spec = family_for(base.config.model_type)
     prompt = cfg.peft.method in PROMPT_LEARNING
-    if spec.name == "gpt2" and not prompt and cfg.peft.method not in ("lora", "rslora"):
-        raise UserError(f"export of GPT-2 adapters supports peft.method 'lora' / 'rslora' and prompt learning, "
-                        f"not {cfg.peft.method!r} (trellis unfuses c_attn into q/k/v; only LoRA re-fuses exactly)")
+    unfused = spec.name == "gpt2" or bool(spec.fused)
+    if unfused and not prompt and cfg.peft.method not in ("lora", "rslora"):
+        what = "c_attn into q/k/v" if spec.name == "gpt2" else "qkv_proj / gate_up_proj into their parts"
+        raise UserError(f"export of {spec.name} adapters supports peft.method 'lora' / 'rslora' and prompt learning, "
+                        f"not {cfg.peft.method!r} (trellis unfuses {what}; only LoRA re-fuses exactly)")
     if dequantized_base and quant_spec(cfg) is not None:
         _dequantize_like_training(base, spec, cfg, int(meta["layout"].get("tp", 1)))
     if prompt:
@@ -137,8 +165,8 @@ def load_peft_model(path: Path, *, dequantized_base: bool = False):
     state = saved["model"]
     if not state:
         raise CheckpointError(f"{path}: the checkpoint holds no adapter tensors")
-    if spec.name == "gpt2" and not prompt:
-        state = _fuse_gpt2_qkv(state, pc, cfg.peft.method == "rslora")
+    if unfused and not prompt:
+        state = refuse_lora(state, pc, cfg.peft.method == "rslora", spec, base)
     model = get_peft_model(base, pc)
     if prompt:  # our in-place prompt module -> peft's wrapper attribute
         sd = {f"prompt_encoder.default.{k[len(PROMPT_MODULE) + 1:]}": v.float() for k, v in state.items()}

@@ -112,6 +112,10 @@ def check_agrees(cfg, ac: dict, pc) -> None:
 
 
 def refuse_unfused_families(cfg, spec) -> None:
+    if spec.fused:
+        raise ConfigError(f"peft.init_adapter={cfg.peft.init_adapter!r}: continuing an adapter is not supported "
+                          f"for {spec.name} yet (trellis trains its fused projections unfused into their parts); "
+                          "use a llama, mistral, qwen2, qwen3, gemma2, opt, bloom or gpt_neox model")
     if spec.name == "gpt2":
         raise ConfigError(f"peft.init_adapter={cfg.peft.init_adapter!r}: continuing an adapter is not supported "
                           "for GPT-2 yet (trellis trains its c_attn unfused into q/k/v); use a llama, mistral, "

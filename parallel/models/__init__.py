@@ -14,7 +14,7 @@ from .base import FamilySpec
 
 def _discover() -> tuple[FamilySpec, ...]:
     mods = (importlib.import_module(f"{__name__}.{m.name}") for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)
-            if m.name not in ("base", "dims"))
+            if m.name not in ("base", "dims", "checks"))
     return tuple(m.SPEC for m in mods if isinstance(getattr(m, "SPEC", None), FamilySpec))
 
 

@@ -32,6 +32,10 @@ class FamilySpec:
     #   "rowwise"  - in-features sharded, output all-reduced
     #   "colwise_qkv_headmajor" - fused per-head [h, 3, d] layout: contiguous sharding keeps whole heads
     tp_plan: dict[str, str] = field(default_factory=dict)
+    # Per-head norms inside a block (Qwen3's q_norm / k_norm over head_dim, input [b, s, heads, head_dim]):
+    # replicated weights that each tp rank applies to its own heads, so their gradients are partial sums over
+    # the local heads; tensor parallel runs them on a heads-sharded DTensor input so the gradient is all-reduced.
+    tp_head_norms: tuple[str, ...] = ()
     # Modules whose parameters are LoRA/adapter targets by default.
     default_lora_targets: tuple[str, ...] = ()
     # Conv1D (in, out) weights that are converted to nn.Linear before parallelization (GPT-2).
@@ -48,3 +52,11 @@ class FamilySpec:
     # fan_out, bias) with sizes "hidden", "ffn", "q" (heads x head_dim), "kv" (kv heads x head_dim) or "3*hidden",
     # and bias True or the ModelDims flag that says. Their TP style is the tp_plan's.
     linears: tuple[tuple[str, str, str, bool | str], ...] = ()
+    # Fused linears whose output is [part | part | ...] along the features (not head-interleaved, Phi-3's
+    # qkv_proj and gate_up_proj): parallel/hf_surgery.py unfuses each into one Linear per part (sizes as in
+    # `linears`, e.g. (("q", "q"), ("k", "kv"), ("v", "kv"))) so TP shards every part on its own; export
+    # re-fuses them. The tp_plan names the parts ("self_attn.qkv_proj.q").
+    fused: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # Model-dependent limits of what trellis runs exactly: check_config(hf_config, seq_len) -> an error line
+    # naming the field and the fix, or None (sliding windows, RoPE scaling types).
+    check_config: Callable | None = field(default=None, compare=False)

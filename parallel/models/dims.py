@@ -49,7 +49,9 @@ class ModelDims:
     final_norm: bool = True
     parallel_residual: bool = False
     rotary_dim: int = 0
-    attn_impl: str = "sdpa"  # what the engine runs: sdpa, except BLOOM (ALiBi) on eager
+    attn_impl: str = "sdpa"  # what the engine runs: sdpa, except BLOOM (ALiBi) and Gemma-2 (softcap) on eager
+    block_norms: int = 2  # norms per decoder block (Gemma-2: 4, pre and post attention and MLP)
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3): 2 x head_dim weights per block
     name: str = ""
     # `--params N` without dims: per-layer breakdown unknown, totals only.
     raw_params: int = 0
@@ -101,10 +103,17 @@ def dims_from_hf_config(c, name: str = "") -> ModelDims:
 
 def _size(d: ModelDims, expr: str) -> int:
     """A linear's width from the spec's expression: "hidden", "ffn", "q" (heads × head_dim), "kv"
-    (kv_heads × head_dim), optionally times an integer ("3*hidden")."""
+    (kv_heads × head_dim), optionally times an integer ("3*hidden"), or a sum of those ("q+2*kv")."""
+    if "+" in expr:
+        return sum(_size(d, e) for e in expr.split("+"))
     k, _, dim = expr.rpartition("*")
     base = {"q": d.heads * d.head_dim, "kv": d.kv_heads * d.head_dim}.get(dim)
     return (int(k) if k else 1) * (base if base is not None else getattr(d, dim))
+
+
+def size_of(d: ModelDims, expr: str) -> int:
+    """Public form of the width expressions of `FamilySpec.linears` / `FamilySpec.fused`."""
+    return _size(d, expr)
 
 
 def tp_style(spec: FamilySpec, path: str) -> str:

@@ -13,6 +13,7 @@ from trellis.parallel.pipeline import split_layers
 from .harness import run_ranks
 from .pipeline_workers import pipeline_checks
 from .reference import reference_run
+from .test_tensor_parallel import NEW_EPS
 from .workers import train_scenarios
 
 pytestmark = pytest.mark.distributed
@@ -21,7 +22,8 @@ pytestmark = pytest.mark.distributed
 EXACT = {"train.eps": 1e-6, "train.steps": 3, "train.micro_batch_size": 1, "train.grad_accum": 4, "train.lr": 3e-3,
          "train.schedule": "constant", "train.warmup_steps": 0, "train.weight_decay": 0.0, "train.grad_clip": 1.0,
          "data.seq_len": 64, "logging.progress": "none"}
-MT = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-opt": "opt", "tiny-bloom": "bloom", "tiny-neox": "gpt_neox"}
+MT = {"tiny-llama": "llama", "tiny-gpt2": "gpt2", "tiny-opt": "opt", "tiny-bloom": "bloom", "tiny-neox": "gpt_neox",
+      "tiny-qwen3": "qwen3", "tiny-phi3": "phi3", "tiny-gemma2": "gemma2"}
 
 
 def _assert_matches_reference(world, cases, tmp_path, timeout=600, extra_scenarios=()):
@@ -54,6 +56,12 @@ def test_pp2_schedules_families_and_splits(tmp_path):
         "pp2 opt (tied)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-opt"},
         "pp2 bloom (alibi, tied)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-bloom"},
         "pp2 neox (partial rotary)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-neox"},
+        # Adam eps 1e-5 for the new families: see NEW_EPS in test_tensor_parallel.py
+        "pp2 qwen3 (q/k norms)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-qwen3", **NEW_EPS},
+        "pp2 phi3 (fused qkv / gate_up)": {"parallel.dp": 1, "parallel.pp": 2, "model.path": "tiny-phi3", **NEW_EPS},
+        # eager attention (explicit causal mask in the stages), final-logit softcap on the last stage, tied
+        "pp2 gemma2 (softcaps, scaled embedding, tied)": {"parallel.dp": 1, "parallel.pp": 2,
+                                                          "model.path": "tiny-gemma2", **NEW_EPS},
     }
     ranks = _assert_matches_reference(2, cases, tmp_path)
     # tied copies on the first and last stage stay identical after the optimizer steps

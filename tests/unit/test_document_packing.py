@@ -19,7 +19,7 @@ from trellis.parallel.hf_surgery import prepare_model
 from trellis.parallel.models import family_for
 from trellis.parallel.pipeline import build_stage_module, split_layers
 
-FAMILIES = ("tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-bloom", "tiny-neox")
+FAMILIES = ("tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-bloom", "tiny-neox", "tiny-qwen3", "tiny-phi3", "tiny-gemma2")
 SEQ = 32
 ROWS = [[7, 11, 9], [13, 12]]  # then padding
 

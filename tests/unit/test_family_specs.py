@@ -15,7 +15,7 @@ from trellis.parallel.hf_surgery import prepare_model, to_hf_state_dict
 from trellis.parallel.models import FAMILIES, family_for
 from trellis.parallel.tensor_parallel import _alibi_local_heads_hook
 
-FAMILY_NAMES = ["llama", "gpt2", "opt", "bloom", "gpt_neox"]
+FAMILY_NAMES = ["llama", "gpt2", "opt", "bloom", "gpt_neox", "qwen3", "phi3", "gemma2"]
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
@@ -122,3 +122,52 @@ def test_gpt2_conv1d_surgery_keeps_logits_and_exports_back_exactly():
     assert exported.keys() == expected.keys()
     for k, v in expected.items():
         assert exported[k].shape == v.shape and torch.equal(exported[k], v), k
+
+
+def test_phi3_fused_projections_unfuse_keep_logits_and_export_back_exactly():
+    """qkv_proj = [q | k | v] (GQA: k, v narrower than q) and gate_up_proj = [gate | up] become one Linear per
+    part; logits are unchanged, the attention slices its fused output with its own (localizable) head count,
+    and to_hf_state_dict concatenates the parts back into HF's tensors bit for bit."""
+    ref = tiny_model("phi3")
+    model = copy.deepcopy(ref)
+    prepare_model(model, family_for("phi3"))
+    prepare_model(model, family_for("phi3"))  # idempotent
+    attn = model.model.layers[0].self_attn
+    assert [attn.qkv_proj.q.out_features, attn.qkv_proj.k.out_features, attn.qkv_proj.v.out_features] == [64, 32, 32]
+    assert attn.config.num_attention_heads == attn.num_heads == 4 and model.config.num_attention_heads == 4
+    attn.num_heads = 2  # what tensor parallel's head localization does on tp=2; the model config stays global
+    assert attn.config.num_attention_heads == 2 and model.config.num_attention_heads == 4
+    attn.num_heads = 4
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+    exported = to_hf_state_dict(model.state_dict(), "phi3")
+    expected = ref.state_dict()
+    assert exported.keys() == expected.keys()
+    for k, v in expected.items():
+        assert exported[k].shape == v.shape and torch.equal(exported[k], v), k
+
+
+@pytest.mark.parametrize("model_type,extra,seq,needle", [
+    ("gemma2", {"sliding_window": 32}, 64, "data.seq_len=64 exceeds the model's sliding_window=32"),
+    ("phi3", {"sliding_window": 32}, 64, "data.seq_len=64 exceeds the model's sliding_window=32"),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": 0}, 64, "sliding_window=32"),
+    ("phi3", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, 16, "rope_scaling type 'yarn' is not supported"),
+])
+def test_family_config_limits_are_one_line_errors(model_type, extra, seq, needle):
+    """A window shorter than data.seq_len (trellis' masks are exact only within it) and unsupported RoPE types
+    are refused by name with the fix; the same configs within the window pass."""
+    from types import SimpleNamespace
+
+    from trellis.engine.model import check_family_config
+    from trellis.errors import ConfigError
+
+    # a config object as transformers' would read it (Phi3Config itself rejects yarn before trellis sees it)
+    cfg = SimpleNamespace(model_type=model_type, layer_types=None, **extra)
+    if model_type == "qwen3":
+        cfg.layer_types = ["sliding_attention"] * 2
+    with pytest.raises(ConfigError) as e:
+        check_family_config(cfg, seq)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    if "sliding_window" in extra:
+        check_family_config(cfg, extra["sliding_window"])  # within the window: accepted

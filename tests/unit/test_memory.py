@@ -12,7 +12,7 @@ from trellis.engine.memory.models import dims_from_hf_config, dims_from_params, 
 from trellis.errors import ConfigError
 
 MODELS = Path(__file__).resolve().parents[2] / "configs" / "models"
-TINY = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-neox", "tiny-bloom"]
+TINY = ["tiny-llama", "tiny-gpt2", "tiny-opt", "tiny-neox", "tiny-bloom", "tiny-qwen3", "tiny-phi3", "tiny-gemma2"]
 # small variants exercising each family's switches (biases, GQA, untied head, OPT projection, n_inner default)
 VARIANTS = [
     {"model_type": "qwen2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
@@ -27,6 +27,13 @@ VARIANTS = [
     {"model_type": "gpt_neox", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
      "num_attention_heads": 4, "tie_word_embeddings": False},
     {"model_type": "bloom", "vocab_size": 96, "hidden_size": 32, "n_layer": 2, "n_head": 4},
+    {"model_type": "qwen3", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "attention_bias": True,
+     "tie_word_embeddings": True},
+    {"model_type": "phi3", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "pad_token_id": 0},
+    {"model_type": "gemma2", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 24, "tie_word_embeddings": False},
 ]
 
 
@@ -54,6 +61,36 @@ def test_param_count_matches_hf_variants(cfg):
                                             ("bloom-7b1", 7_069_016_064), ("gpt-neox-20b", 20_554_567_680)])
 def test_presets_match_published_totals(name, published):
     """Totals as printed by the model cards / `num_parameters()` of the published checkpoints."""
+    assert total_params(resolve_model(name)) == published
+
+
+# The published config.json values (dimensions) of one real model per family added in issue 19, written out here
+# (not read from configs/), and the total its model card / `num_parameters()` gives: Qwen3-8B "8.2B" (6.95B
+# non-embedding), Phi-3-mini "3.8B", Gemma-2-9b "9.24B" (tied embeddings, 4 norms per block).
+PUBLISHED = {
+    "Qwen3-8B": ({"model_type": "qwen3", "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+                  "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                  "attention_bias": False, "tie_word_embeddings": False}, 8_190_735_360),
+    "Phi-3-mini-4k-instruct": ({"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192,
+                                "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                                "vocab_size": 32064, "pad_token_id": 32000, "tie_word_embeddings": False},
+                               3_821_079_552),
+    "Gemma-2-9b": ({"model_type": "gemma2", "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+                    "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+                    "tie_word_embeddings": True}, 9_241_705_984),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_new_families_match_published_totals_and_hf(name):
+    cfg, published = PUBLISHED[name]
+    assert total_params(dims_from_hf_config(cfg)) == published
+    assert _hf_count(cfg) == published  # HF's own module tree (meta device) agrees with the card
+
+
+@pytest.mark.parametrize("name,published", [("qwen3-8b", 8_190_735_360), ("phi-3-mini-4k", 3_821_079_552),
+                                            ("gemma-2-9b", 9_241_705_984)])
+def test_new_family_presets_match_published_totals(name, published):
     assert total_params(resolve_model(name)) == published
 
 

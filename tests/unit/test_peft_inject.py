@@ -226,22 +226,24 @@ def test_export_cli_names_a_missing_checkpoint(tmp_path, capsys):
     assert "neither a checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["lora", "rslora"])
-@pytest.mark.parametrize("targets", [(), ("c_attn.q", "c_attn.v", "c_fc")])
-def test_gpt2_unfused_lora_refuses_into_peft_format_exactly(method, targets):
-    """trellis trains GPT-2 LoRA on unfused q/k/v Linears; export re-fuses each layer's q/k/v adapters into one
-    adapter of HF's Conv1D c_attn (rank m·r, block-diagonal B, alpha scaled to keep the scaling). peft's own
-    model on the HF GPT-2 with those tensors gives our logits. Non-trivial adapters: B drawn at random."""
+@pytest.mark.parametrize("method,model,targets", [
+    *[(m, "tiny-gpt2", t) for m in ("lora", "rslora") for t in ((), ("c_attn.q", "c_attn.v", "c_fc"))],
+    ("rslora", "tiny-phi3", ()), ("lora", "tiny-phi3", ("qkv_proj.q", "qkv_proj.v", "gate_up_proj.up", "down_proj"))])
+def test_unfused_lora_refuses_into_peft_format_exactly(method, model, targets):
+    """trellis trains GPT-2 LoRA on unfused q/k/v Linears (Phi-3: qkv_proj.{q,k,v}, GQA-narrow k/v, and
+    gate_up_proj.{gate,up}); export re-fuses each layer's part adapters into one adapter of HF's fused linear
+    (rank m·r, block-diagonal B, alpha scaled to keep the scaling). peft's own model on the HF model with those
+    tensors gives our logits. Non-trivial adapters: B drawn at random."""
     from peft import get_peft_model
 
-    from trellis.engine.peft.export import _fuse_gpt2_qkv
+    from trellis.engine.peft.export import refuse_lora
     from trellis.engine.peft.inject import build_peft_config, make_injector
     from trellis.parallel.hf_surgery import prepare_model
 
-    cfg = _cfg(**{"model.path": "tiny-gpt2", "peft.method": method, "peft.r": 4, "peft.alpha": 8.0,
+    cfg = _cfg(**{"model.path": model, "peft.method": method, "peft.r": 4, "peft.alpha": 8.0,
                   "peft.target_modules": list(targets)})
     ours = _model(cfg)
-    spec = family_for("gpt2")
+    spec = family_for(ours.config.model_type)
     prepare_model(ours, spec)
     make_injector(cfg)(ours, spec)
     g = torch.Generator().manual_seed(3)
@@ -251,8 +253,10 @@ def test_gpt2_unfused_lora_refuses_into_peft_format_exactly(method, targets):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     state = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
     pc = build_peft_config(cfg, spec, 1)
-    fused = _fuse_gpt2_qkv(state, pc, method == "rslora")
-    assert not any(".c_attn.q." in k or ".c_attn.k." in k or ".c_attn.v." in k for k in fused)
+    fused = refuse_lora(state, pc, method == "rslora", spec, _model(cfg))
+    parts = (".c_attn.q.", ".c_attn.k.", ".c_attn.v.", ".qkv_proj.q.", ".qkv_proj.k.", ".qkv_proj.v.",
+             ".gate_up_proj.gate.", ".gate_up_proj.up.")
+    assert not any(p in k for p in parts for k in fused)
     ref = get_peft_model(_model(cfg), pc)
     own = dict(ref.named_parameters())
     assert {n for n, p in own.items() if p.requires_grad} == {f"base_model.model.{k}" for k in fused}
