@@ -34,9 +34,10 @@ FLOAT = 4
 ACT = BATCH * SEQ * HIDDEN * FLOAT  # one micro-batch's hidden states, fp32
 CE = 3 * BATCH * SEQ * FLOAT        # the vocab-parallel cross-entropy's three all-reduces
 NORMS = 2                           # sequence-parallel norms per Llama layer (input, post-attention)
+LORA_R = 4
 
 
-def _count_case(family: str, sp: bool, mesh) -> dict:
+def _count_case(family: str, sp: bool, mesh, lora: bool = False) -> dict:
     from trellis.parallel.comm_count import count_collectives
     from trellis.parallel.hf_surgery import prepare_model
     from trellis.parallel.loss import causal_lm_loss_sum, loss_parallel_context
@@ -46,6 +47,11 @@ def _count_case(family: str, sp: bool, mesh) -> dict:
     spec = family_for(family)
     model = copy.deepcopy(tiny_model(family))
     prepare_model(model, spec)
+    if lora:
+        from trellis import configs
+        from trellis.engine.peft.inject import make_injector
+
+        make_injector(configs.load("tiny-llama", {"peft.method": "lora", "peft.r": LORA_R}))(model, spec)
     apply_tensor_parallel(model, mesh["tp"], spec, sequence_parallel=sp)
     ids, labels = _batch(0)
     with loss_parallel_context(True):
@@ -53,7 +59,7 @@ def _count_case(family: str, sp: bool, mesh) -> dict:
             loss_sum, n = causal_lm_loss_sum(model(input_ids=ids).logits, labels)
         with count_collectives(mesh) as bwd:
             (loss_sum / n).backward()
-    return {"family": family, "sp": sp, "fwd": fwd.as_dict().get("tp", {}), "bwd": bwd.as_dict().get("tp", {})}
+    return {"family": family, "sp": sp, "lora": lora, "fwd": fwd.as_dict().get("tp", {}), "bwd": bwd.as_dict().get("tp", {})}
 
 
 def count_worker(rank: int, world: int, cases: list[tuple[str, bool]]) -> list[dict]:
@@ -63,11 +69,12 @@ def count_worker(rank: int, world: int, cases: list[tuple[str, bool]]) -> list[d
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     mesh = ParallelDims(dp=1, pp=1, tp=2, world_size=world).build_mesh("cpu")
-    return [_count_case(f, sp, mesh) for f, sp in cases]
+    return [_count_case(f, sp, mesh, lora) for f, sp, lora in cases]
 
 
 def test_tp_collectives_are_megatrons():
-    cases = [("llama", False), ("gpt2", False), ("gpt_neox", False), ("llama", True)]
+    cases = [("llama", False, False), ("gpt2", False, False), ("gpt_neox", False, False), ("llama", True, False),
+             ("llama", False, True)]
     ranks = run_ranks(2, count_worker, cases, timeout=300)
     L = LAYERS
     megatron = {  # op: (calls, bytes) on the tp axis for one micro-batch
@@ -81,11 +88,20 @@ def test_tp_collectives_are_megatrons():
                 "all_gather_into_tensor": (2 * L + L, (2 * L + L) * ACT // 2),
                 "reduce_scatter_tensor": (2 * L, 2 * L * ACT)},
     }
+    # LoRA on every Llama linear: the branch of a column-parallel linear shares the block's input all-reduce
+    # (no r x tokens input-gradient all-reduce of its own); its replicated lora_A's weight gradient, a partial
+    # sum, is all-reduced (r x h, 5 per layer: q, k, v, gate, up); a row-parallel linear's lora_A output
+    # (r x tokens) is all-reduced forward (o, down: 2 per layer). The base is frozen, so the first block's
+    # attention input (norm of the embedding) needs no gradient: its all-reduce is rightly absent.
+    lora = {
+        "fwd": {"all_reduce": (2 * L + 1 + 3 + 2 * L, (2 * L + 1) * ACT + CE + 2 * L * BATCH * SEQ * LORA_R * FLOAT)},
+        "bwd": {"all_reduce": (2 * L + 5 * L, 2 * L * ACT + 5 * L * LORA_R * HIDDEN * FLOAT)},
+    }
     for r, res in enumerate(ranks):
         for c in res:
-            name = f"rank{r} {c['family']}{' +sp' if c['sp'] else ''}"
+            name = f"rank{r} {c['family']}{' +sp' if c['sp'] else ''}{' +lora' if c['lora'] else ''}"
             print(f"{name}: fwd {c['fwd']}  bwd {c['bwd']}")
-            expected = sequence_parallel if c["sp"] else megatron
+            expected = lora if c["lora"] else sequence_parallel if c["sp"] else megatron
             for direction in ("fwd", "bwd"):
                 got = {op: (v["calls"], v["bytes"]) for op, v in c[direction].items()}
                 assert got == expected[direction], (name, direction, got, expected[direction])
