@@ -76,8 +76,11 @@ def theory(layout: dict, r: dict) -> dict[str, int]:
         row-parallel attention output and one after the MLP output (`g`), and one backward all-reduce of the
         input gradient of the attention block and one of the MLP (`f`, shared by q/k/v and by gate/up):
         4 * L * act. On the first stage the vocab-parallel embedding's forward all-reduce (act; token ids
-        have no gradient), on the last stage the column-parallel head's input gradient (act):
-            tp_megatron = accum * (4 * L * act + act [first stage] + act [last stage])
+        have no gradient), on the last stage the column-parallel head's input gradient (act) and the
+        vocab-parallel cross-entropy's three all-reduces of b*s floats (max, sum of exp, target logit; Megatron's
+        vocab_parallel_cross_entropy does the same three):
+            tp_megatron = accum * (4 * L * act + act [first stage] + act + 3 * b * s * 4 [last stage])
+        (the step's loss/token scalars, a few bytes, are not in the formula)
         With sequence parallel each of the four becomes an all-gather (act / tp handed in) and a
         reduce-scatter (act handed in), forward and backward (not run here).
         `tp_per_linear` is what a plan reducing every column-parallel input gradient on its own moves
@@ -93,7 +96,8 @@ def theory(layout: dict, r: dict) -> dict[str, int]:
     if tp > 1:
         layers_here = r["layers"] // pp
         col = sum(style.startswith("colwise") for style in r["tp_plan"].values())
-        ends = act + (act if pp == 1 else 0)  # rank 0: the embedding's forward all-reduce (+ the head's input grad)
+        ce = 3 * MICRO * SEQ * 4
+        ends = act + (act + ce if pp == 1 else 0)  # rank 0: the embedding's forward all-reduce (+ head and loss)
         out["tp"] = out["tp_megatron"] = accum * (4 * layers_here * act + ends)
         out["tp_per_linear"] = accum * ((2 + col) * layers_here * act + ends)
     if pp > 1:
