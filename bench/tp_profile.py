@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, steps: int) -> dict:
     from trellis.engine.trainer import Trainer
 
     ctx = init_distributed(300.0)
-    cfg = configs.load("tiny-llama", {"parallel.tp": world, "train.micro_batch_size": MICRO,
+    cfg = configs.load("tiny-llama", {"parallel.dp": 1, "parallel.pp": 1, "parallel.tp": world, "train.micro_batch_size": MICRO,
                                       "train.grad_accum": GLOBAL_BATCH // MICRO, "train.steps": steps + 1,
                                       "data.seq_len": SEQ, "logging.progress": "none", "logging.metrics_file": ""})
     trainer = Trainer(cfg, ctx)
