@@ -112,7 +112,8 @@ def _tok_s(res: list[dict]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=7, help="alternating (1 process, layout) pairs per layout")
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="alternating (1 process, layout) pairs per layout (0: count bytes only)")
     ap.add_argument("--layouts", default=",".join(k for k in LAYOUTS if k != "1"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -142,15 +143,17 @@ def main() -> None:
         if "tp_per_linear" in th:
             parts.append(f"[per-linear plan {th['tp_per_linear']:,}]")
         parts += [f"{k}={v:,}" for k, v in b.items() if k not in ("dp", "tp", "pp")]
-        rng = f"{min(r):.2f}/{statistics.median(r):.2f}/{max(r):.2f}"
+        rng = f"{min(r):.2f}/{statistics.median(r):.2f}/{max(r):.2f}" if r else "-"
         print(f"{row['name']:<11}{row['ranks']:>6}{rng:>28}   " + "  ".join(parts))
         print(f"{'':<11}tp calls: {json.dumps(row['counted']['calls'].get('tp', {}))}")
     Path("runs").mkdir(exist_ok=True)
     Path("runs/bench_layouts.json").write_text(json.dumps(rows, default=str, indent=1))
     if args.json:
         print(json.dumps({"layouts": [
-            {"name": row["name"], "ranks": row["ranks"], "tokens_per_s_ratio": statistics.median(row["ratios"]),
-             "tokens_per_s_ratio_min": min(row["ratios"]), "tokens_per_s_ratio_max": max(row["ratios"]),
+            {"name": row["name"], "ranks": row["ranks"],
+             "tokens_per_s_ratio": statistics.median(row["ratios"]) if row["ratios"] else None,
+             "tokens_per_s_ratio_min": min(row["ratios"], default=None),
+             "tokens_per_s_ratio_max": max(row["ratios"], default=None),
              "tp_bytes": row["counted"]["bytes"].get("tp", 0), "tp_bytes_megatron": row["theory"].get("tp_megatron", 0),
              "dp_bytes": row["counted"]["bytes"].get("dp", 0), "pp_bytes": row["counted"]["bytes"].get("pp", 0)}
             for row in rows]}))
