@@ -4,7 +4,7 @@ config, data and ranks. Not a test.
 
 `--pairs N` (default 7) runs N pairs, alternating the order (raw→trellis, trellis→raw, ...) so neither side always
 pays a cold page cache or a neighbour's burst; prints every ratio and their min/median/max (goal: median <= 1.03).
-`--count` instead runs each side once under parallel/comm_count.py's CollectiveCounter and prints the torch.distributed
+`--count` instead runs each side once under parallel/comm_count.py's count_collectives and prints the torch.distributed
 calls per training step (steps after the warm-up, Trainer work between steps included). `--json`: the last line is
 one JSON object, `{"ratios": [...], "median": x, ...}` (with `--count`: `{"collectives_per_step": {...}}`).
 
@@ -99,11 +99,19 @@ def raw_rank(a, out: str) -> None:
 
 
 def _counter(a):
-    from trellis.parallel.comm_count import CollectiveCounter
+    """The package's counting mode (parallel/comm_count.py), installed for the whole run, before DeepSpeed takes
+    its references to torch.distributed; counting only with --count (the timing runs get a no-op stand-in, as
+    the mode's dispatch hook costs a Python call per op)."""
+    if not a.count:
+        return _NoCounts()
+    from trellis.parallel.comm_count import count_collectives
 
-    c = CollectiveCounter()
-    c.active = bool(a.count)
-    return c.__enter__()
+    return count_collectives().__enter__()
+
+
+class _NoCounts:
+    def snapshot(self) -> dict:
+        return {}
 
 
 def trellis_count_rank(a, out: str) -> None:

@@ -1,21 +1,26 @@
 """Benchmark (not a test): tokens/s per layout relative to 1 process, and collective payload bytes per
 step per mesh axis next to the theoretical payload for that layout.
 
-Bytes are counted by a comm-counting mode active inside every rank: the c10d Python API (all_reduce,
-broadcast, send/recv, ...) is wrapped, and DTensor's functional collectives are seen through a
-TorchDispatchMode. Each call is attributed to the mesh axis whose process group it used. "Payload" is the
-size of the tensor handed to the collective (what one rank contributes), not wire bytes, which depend
-on the algorithm (a ring all-reduce moves 2(n-1)/n of it).
+Bytes are counted by the package's comm-counting mode (trellis.parallel.comm_count) around one step inside
+every rank, after the timed steps (its dispatch mode costs a Python call per aten op, so it never runs
+while timing). "Payload" is the size of the tensor handed to the collective (what one rank contributes),
+not wire bytes. Throughput: each layout is run alternately with the 1-process reference, `--repeats` pairs
+(fresh processes each); the ratio's min / median / max over the pairs is printed.
 
-    .venv/bin/python bench/layouts.py [--steps 6] [--layouts 1,dp2,tp2,pp2,dp2tp2,pp2tp2,dp2pp2tp2]
+    .venv/bin/python bench/layouts.py [--steps 4] [--repeats 7] [--layouts dp2,tp2,pp2,dp2tp2,pp2tp2,dp2pp2tp2] [--json]
+
+`--json`: the last line is {"layouts": [{"name", "ranks", "tokens_per_s_ratio", "tp_bytes",
+"tp_bytes_megatron", "dp_bytes", "pp_bytes"}]} (ratio = the median; bytes per step on rank 0, counted;
+tp_bytes_megatron from `theory`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
-from collections import defaultdict
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,110 +33,60 @@ LAYOUTS = {
 GLOBAL_BATCH, SEQ, MICRO = 8, 128, 1
 
 
-def _count_worker(rank: int, world: int, layout: dict, steps: int) -> dict:
-    import torch
-    import torch.distributed as dist
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+def _worker(rank: int, world: int, layout: dict, steps: int, count: bool) -> dict:
     from trellis import configs
     from trellis.engine.distributed import init_distributed
     from trellis.engine.trainer import Trainer
+    from trellis.parallel.comm_count import count_collectives
     from trellis.parallel.models import family_for
 
     ctx = init_distributed(300.0)
     accum = GLOBAL_BATCH // (MICRO * layout["dp"])
     cfg = configs.load("tiny-llama", {"parallel.dp": layout["dp"], "parallel.pp": layout["pp"], "parallel.tp": layout["tp"],
-                                      "train.micro_batch_size": MICRO, "train.grad_accum": accum, "train.steps": steps,
-                                      "data.seq_len": SEQ, "logging.progress": "none", "logging.metrics_file": ""})
+                                      "train.micro_batch_size": MICRO, "train.grad_accum": accum,
+                                      "train.steps": steps + 2, "data.seq_len": SEQ, "logging.progress": "none",
+                                      "logging.metrics_file": ""})
     trainer = Trainer(cfg, ctx)
-    mesh = trainer.dims.mesh
-    axis_of = {}
-    for axis in ("pp", "dp", "tp"):
-        axis_of[tuple(dist.get_process_group_ranks(mesh[axis].get_group()))] = axis
-    counts: dict[str, int] = defaultdict(int)
-    active = {"on": False}
-
-    def axis_for(group) -> str:
-        # by ranks: a mesh axis spanning the whole world may be the default group itself
-        ranks = tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-        return axis_of.get(ranks, "world")
-
-    def wrap(name):
-        fn = getattr(dist, name)
-
-        def counted(tensor, *args, **kwargs):
-            if active["on"] and torch.is_tensor(tensor):
-                group = kwargs.get("group")
-                if group is None:
-                    group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-                counts[axis_for(group)] += tensor.numel() * tensor.element_size()
-            return fn(tensor, *args, **kwargs)
-
-        setattr(dist, name, counted)
-
-    # (isend/irecv stay unwrapped: P2POp checks their identity; batch_isend_irecv is counted below)
-    for name in ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor"):
-        wrap(name)
-
-    class FunctionalCollectives(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            collective = any(k in func.__name__ for k in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all",
-                                                            "broadcast"))  # not wait_tensor / autograd wrappers
-            if active["on"] and func.namespace == "_c10d_functional" and collective and args \
-                    and torch.is_tensor(args[0]):
-                from torch.distributed.distributed_c10d import _resolve_process_group
-
-                group_name = args[-1] if isinstance(args[-1], str) else kwargs.get("group_name")
-                # by ranks, like the c10d path: DTensor may hold its own group object for a mesh axis
-                axis = f"other:{func.__name__}"
-                if isinstance(group_name, str):
-                    axis = axis_of.get(tuple(dist.get_process_group_ranks(_resolve_process_group(group_name))), axis)
-                counts[axis] += args[0].numel() * args[0].element_size()
-            return func(*args, **kwargs)
-
-    # P2P of the pipeline schedule uses batch_isend_irecv with P2POp objects.
-    orig_batch = dist.batch_isend_irecv
-
-    def batch(ops):
-        if active["on"]:
-            for op in ops:
-                counts["pp"] += op.tensor.numel() * op.tensor.element_size()
-        return orig_batch(ops)
-
-    dist.batch_isend_irecv = batch
-    import torch.distributed.pipelining.stage as stage_mod
-
-    stage_mod.dist.batch_isend_irecv = batch
-    # warm-up step (shape inference, first allocations) is not counted
-    trainer.backend.train_step(trainer.sampler.next(), 1e-4)
-    active["on"] = True
-    import time
-
+    engine = trainer.engine
+    batches = engine.batches(trainer.train_data)
+    engine.train_step(next(batches))  # warm-up (shape inference, first allocations): not timed
     t0 = time.perf_counter()
-    with FunctionalCollectives():
-        for _ in range(steps):
-            trainer.backend.train_step(trainer.sampler.next(), 1e-4)
+    for _ in range(steps):
+        engine.train_step(next(batches))
     dt = (time.perf_counter() - t0) / steps
-    active["on"] = False
-    params_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in trainer.backend.params)
-    return {"rank": rank, "step_s": dt, "bytes": {k: v // steps for k, v in counts.items()},
-            "params_local": params_local, "hidden": trainer.hf_config.hidden_size,
-            "layers": trainer.hf_config.num_hidden_layers, "vocab": trainer.hf_config.vocab_size,
-            "tp_plan": dict(family_for(trainer.hf_config.model_type).tp_plan)}
+    out = {"rank": rank, "step_s": dt}
+    if count:
+        with count_collectives(trainer.dims.mesh) as counts:
+            engine.train_step(next(batches))
+        out["bytes"] = {axis: counts.bytes(axis) for axis in counts.by_axis}
+        out["calls"] = counts.as_dict()
+        out["params_local"] = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                  for p in trainer.backend.params)
+        c = trainer.hf_config
+        out.update(hidden=c.hidden_size, layers=c.num_hidden_layers, vocab=c.vocab_size,
+                   tp_plan=dict(family_for(c.model_type).tp_plan))
+    return out
 
 
 def theory(layout: dict, r: dict) -> dict[str, int]:
-    """Payload bytes per step for one rank (fp32), hand-derived:
-    dp: one all-reduce of this rank's gradients (+ 3 tiny scalars: tokens, loss, stop flag).
-    tp: per decoder layer and micro-batch, 2 activation all-reduces forward (attention out, MLP out) of
-        b*s*h floats, and in backward one all-reduce of the input gradient per column-parallel linear: DTensor
-        reduces each Partial input gradient on its own (Llama: q, k, v, gate, up = 5), where Megatron sums them
-        first and reduces twice (attention input, MLP input); on the first stage the vocab-parallel embedding's
-        forward all-reduce (its backward reduces nothing: token ids have no gradient), on the last stage the
-        column-parallel head's input gradient. The Megatron figure is printed next to it.
-    pp: per micro-batch one activation send forward and one gradient send backward of b*s*h floats per
-        stage boundary, counted on both sides (send + recv)."""
+    """Payload bytes per step for one rank (fp32), hand-derived. act = b*s*h*4 bytes (one micro-batch's
+    hidden states), L = decoder layers on this rank's stage, accum = micro-batches per step.
+    dp: one all-reduce of this rank's gradients (+ the step's scalars, not in the formula).
+    tp (Megatron, no sequence parallel): per layer and micro-batch one all-reduce of act forward after the
+        row-parallel attention output and one after the MLP output (`g`), and one backward all-reduce of the
+        input gradient of the attention block and one of the MLP (`f`, shared by q/k/v and by gate/up):
+        4 * L * act. On the first stage the vocab-parallel embedding's forward all-reduce (act; token ids
+        have no gradient), on the last stage the column-parallel head's input gradient (act) and the
+        vocab-parallel cross-entropy's three all-reduces of b*s floats (max, sum of exp, target logit; Megatron's
+        vocab_parallel_cross_entropy does the same three):
+            tp_megatron = accum * (4 * L * act + act [first stage] + act + 3 * b * s * 4 [last stage])
+        (the step's loss/token scalars, a few bytes, are not in the formula)
+        With sequence parallel each of the four becomes an all-gather (act / tp handed in) and a
+        reduce-scatter (act handed in), forward and backward (not run here).
+        `tp_per_linear` is what a plan reducing every column-parallel input gradient on its own moves
+        (DTensor's Colwise/RowwiseParallel: (2 + colwise linears) * L * act + ends; Llama: 1.67x).
+    pp: per micro-batch one activation send forward and one gradient send backward of act per stage
+        boundary, counted on both sides (send + recv)."""
     dp, pp, tp = layout["dp"], layout["pp"], layout["tp"]
     accum = GLOBAL_BATCH // (MICRO * dp)
     act = MICRO * SEQ * r["hidden"] * 4
@@ -141,44 +96,67 @@ def theory(layout: dict, r: dict) -> dict[str, int]:
     if tp > 1:
         layers_here = r["layers"] // pp
         col = sum(style.startswith("colwise") for style in r["tp_plan"].values())
-        ends = act + (act if pp == 1 else 0)  # rank 0: the embedding's forward all-reduce (+ the head's input grad)
-        out["tp"] = accum * ((2 + col) * layers_here * act + ends)
-        out["tp_megatron"] = accum * (4 * layers_here * act + ends)
+        ce = 3 * MICRO * SEQ * 4
+        ends = act + (act + ce if pp == 1 else 0)  # rank 0: the embedding's forward all-reduce (+ head and loss)
+        out["tp"] = out["tp_megatron"] = accum * (4 * layers_here * act + ends)
+        out["tp_per_linear"] = accum * ((2 + col) * layers_here * act + ends)
     if pp > 1:
         out["pp"] = accum * 2 * act
     return out
 
 
+def _tok_s(res: list[dict]) -> float:
+    return GLOBAL_BATCH * SEQ / max(r["step_s"] for r in res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="alternating (1 process, layout) pairs per layout (0: count bytes only)")
+    ap.add_argument("--layouts", default=",".join(k for k in LAYOUTS if k != "1"))
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.distributed.harness import run_ranks
 
-    rows = []
-    base = None
-    for name in args.layouts.split(","):
+    def run(name: str, count: bool) -> list[dict]:
         lay = LAYOUTS[name]
-        world = lay["dp"] * lay["pp"] * lay["tp"]
-        res = run_ranks(world, _count_worker, lay, args.steps, timeout=900)
-        step_s = max(r["step_s"] for r in res)
-        tok_s = GLOBAL_BATCH * SEQ / step_s
-        base = base or tok_s
-        r0 = res[0]
-        rows.append((name, world, tok_s, tok_s / base, r0["bytes"], theory(lay, r0)))
-    print(f"tiny-llama, global batch {GLOBAL_BATCH} x {SEQ} tokens, fp32, gloo on this machine's CPU cores")
-    print(f"{'layout':<11}{'ranks':>6}{'tokens/s':>10}{'vs 1 proc':>10}   payload bytes/step on rank 0: counted (theory)")
-    for name, world, tok_s, rel, counted, th in rows:
-        parts = [f"{ax}={counted.get(ax, 0):,} ({th.get(ax, 0):,})" for ax in ("dp", "tp", "pp") if ax in th or counted.get(ax)]
-        if "tp_megatron" in th:
-            parts.append(f"[tp Megatron-style {th['tp_megatron']:,}]")
-        extra = {k: v for k, v in counted.items() if k not in ("dp", "tp", "pp")}
-        parts += [f"{k}={v:,}" for k, v in extra.items()]
-        print(f"{name:<11}{world:>6}{tok_s:>10.0f}{rel:>10.2f}   " + "  ".join(parts))
+        return run_ranks(lay["dp"] * lay["pp"] * lay["tp"], _worker, lay, args.steps, count, timeout=900)
+
+    rows = []
+    for name in args.layouts.split(","):
+        counted = run(name, True)[0]
+        ratios = []
+        for _ in range(args.repeats):  # alternate A/B: the reference, then the layout
+            ref = _tok_s(run("1", False))
+            ratios.append(_tok_s(run(name, False)) / ref)
+        th = theory(LAYOUTS[name], counted)
+        lay = LAYOUTS[name]
+        rows.append({"name": name, "ranks": lay["dp"] * lay["pp"] * lay["tp"], "ratios": ratios, "counted": counted,
+                     "theory": th})
+    print(f"tiny-llama, global batch {GLOBAL_BATCH} x {SEQ} tokens, fp32, gloo on this machine's CPU cores; "
+          f"{args.repeats} alternating pairs per layout")
+    print(f"{'layout':<11}{'ranks':>6}{'vs 1 proc min/median/max':>28}   payload bytes/step on rank 0: counted (theory)")
+    for row in rows:
+        r, th, b = row["ratios"], row["theory"], row["counted"]["bytes"]
+        parts = [f"{ax}={b.get(ax, 0):,} ({th.get(ax, 0):,})" for ax in ("dp", "tp", "pp") if ax in th or b.get(ax)]
+        if "tp_per_linear" in th:
+            parts.append(f"[per-linear plan {th['tp_per_linear']:,}]")
+        parts += [f"{k}={v:,}" for k, v in b.items() if k not in ("dp", "tp", "pp")]
+        rng = f"{min(r):.2f}/{statistics.median(r):.2f}/{max(r):.2f}" if r else "-"
+        print(f"{row['name']:<11}{row['ranks']:>6}{rng:>28}   " + "  ".join(parts))
+        print(f"{'':<11}tp calls: {json.dumps(row['counted']['calls'].get('tp', {}))}")
     Path("runs").mkdir(exist_ok=True)
     Path("runs/bench_layouts.json").write_text(json.dumps(rows, default=str, indent=1))
+    if args.json:
+        print(json.dumps({"layouts": [
+            {"name": row["name"], "ranks": row["ranks"],
+             "tokens_per_s_ratio": statistics.median(row["ratios"]) if row["ratios"] else None,
+             "tokens_per_s_ratio_min": min(row["ratios"], default=None),
+             "tokens_per_s_ratio_max": max(row["ratios"], default=None),
+             "tp_bytes": row["counted"]["bytes"].get("tp", 0), "tp_bytes_megatron": row["theory"].get("tp_megatron", 0),
+             "dp_bytes": row["counted"]["bytes"].get("dp", 0), "pp_bytes": row["counted"]["bytes"].get("pp", 0)}
+            for row in rows]}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """LoRA-aware tensor-parallel plans: an adapter's sharding is derived from its base layer's style.
 
-- column-parallel base (out-features sharded): base_layer and lora_B column-parallel, lora_A replicated.
-  lora_B's input is declared Replicate, so in backward the gradient reaching lora_A's output is
-  all-reduced over tp: every tp rank gets the same, complete lora_A gradient (replicas never drift).
+- column-parallel base (out-features sharded): base_layer and lora_B column-parallel (local shards,
+  parallel/tp_linear.py), lora_A replicated. The block's one input `f` sits at the LoRA layer's input, so
+  base and LoRA branch share it: the branch's partial input gradient (lora_A^T times this rank's share of the
+  gradient at lora_A's output) is added to the base's before the block's single all-reduce. lora_A's weight
+  gradient is therefore a partial sum too: it is all-reduced over tp (r x in values), so every tp rank gets
+  the same, complete lora_A gradient (replicas never drift).
 - row-parallel base (in-features sharded): base_layer and lora_A row-parallel (the r-dim intermediate
   is all-reduced: r × tokens values), lora_B replicated on the replicated intermediate.
 - DoRA: the magnitude vector follows the out-features (Shard(0) under a colwise base, replicated under a
@@ -25,6 +28,7 @@ import types
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
@@ -32,7 +36,9 @@ from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from trellis.errors import ConfigError
 from .data_parallel import local as _local
+from .collectives import sum_grad_over
 from .quant4bit import QUANT_ATTR, TPLinear4bit, dequantized_weight
+from .tp_linear import LocalColwise
 
 
 def _kind_of(mod: nn.Module) -> str:
@@ -123,13 +129,69 @@ class _IA3Vectors(ParallelStyle):
 # ---- QLoRA: quantize this rank's shard of the base ---------------------------------------------------
 
 class _QuantizedBase(ParallelStyle):
-    def __init__(self, kind: str, q):
+    def __init__(self, kind: str, q, input_reduced: bool):
         super().__init__()
-        self.kind, self.q = kind, q
+        self.kind, self.q, self.input_reduced = kind, q, input_reduced
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        module.base_layer = TPLinear4bit(module.base_layer, self.kind, device_mesh, self.q)
+        module.base_layer = TPLinear4bit(module.base_layer, self.kind, device_mesh, self.q,
+                                         input_reduced=self.input_reduced)
         return module
+
+
+# ---- LoRA on a column-parallel base: one input f for base and branch ---------------------------------
+
+class _SharedInputAt(ParallelStyle):
+    """The block's shared `f` applied to the (LoRA) layer's input, for its base layer and branch alike."""
+
+    def __init__(self, shared):
+        super().__init__()
+        self.shared = shared
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        shared = self.shared
+
+        def hook(mod, args, kwargs):
+            if args:
+                return (shared(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "x": shared(kwargs["x"])}
+
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        return module
+
+
+class _SummedGrad(ParallelStyle):
+    """A replicated linear whose weight gradient is a partial sum over tp (lora_A under a shared input f):
+    its forward passes the weight through sum_grad_over, so backward all-reduces the weight's gradient. In
+    the graph, not a parameter hook: FSDP2 replaces the parameter objects, and the unsharded weight it
+    hands the forward is what the gradient flows to."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not isinstance(module, nn.Linear):
+            raise NotImplementedError(f"lora_A: {type(module).__name__} is not an nn.Linear")
+        module._trellis_tp_group = device_mesh.get_group()
+        module.forward = types.MethodType(_summed_grad_linear, module)
+        return module
+
+
+def _summed_grad_linear(self, x):
+    g = self._trellis_tp_group
+    w = sum_grad_over(self.weight, g) if self.weight.requires_grad else self.weight
+    b = self.bias
+    if b is not None and b.requires_grad:
+        b = sum_grad_over(b, g)
+    return F.linear(x, w, b)
+
+
+class _Both(ParallelStyle):
+    """Two styles on one module, in order."""
+
+    def __init__(self, first: ParallelStyle, second: ParallelStyle):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        return self.second._apply(self.first._apply(module, device_mesh), device_mesh)
 
 
 # ---- the plan ---------------------------------------------------------------------------------------
@@ -148,13 +210,23 @@ def adapter_plan(block: nn.Module, path: str, base_style, kind: str) -> dict:
         raise ConfigError(f"peft.method: {type(mod).__name__} adapters on {path} have no tensor-parallel plan; use "
                           "lora, rslora, dora, qlora or ia3 with parallel.tp > 1, or parallel.tp=1")
     q = getattr(mod.base_layer, QUANT_ATTR, None)
-    plan = {f"{path}.base_layer": base_style} if q is None else {path: _QuantizedBase(kind, q)}
+    # LoRA on a column-parallel base with the block's shared f (not under sequence parallel): the f moves to
+    # the LoRA layer's input, shared by base and branch
+    shared = getattr(base_style, "shared", None) if method == "lora" and kind != "rowwise" else None
+    if shared is not None:
+        base_style = LocalColwise(None)
+    plan = {f"{path}.base_layer": base_style} if q is None else {path: _QuantizedBase(kind, q, shared is not None)}
     if method == "ia3":
         plan[path] = _IA3Vectors(kind)  # after base_layer's entry: dict order = application order
         return plan
+    if shared is not None:
+        plan[f"{path}"] = _SharedInputAt(shared) if q is None else _Both(plan[path], _SharedInputAt(shared))
     for name in mod.lora_A:
         if kind == "rowwise":
             plan[f"{path}.lora_A.{name}"] = RowwiseParallel(output_layouts=Replicate())
+        elif shared is not None:
+            plan[f"{path}.lora_A.{name}"] = _SummedGrad()
+            plan[f"{path}.lora_B.{name}"] = LocalColwise(None)
         else:
             plan[f"{path}.lora_B.{name}"] = ColwiseParallel(input_layouts=Replicate())
         if mod.use_dora.get(name, False):

@@ -156,8 +156,11 @@ class TPLinear4bit(nn.Module):
     """This rank's shard of a frozen linear in 4 bit. colwise: out rows [r·o/tp, (r+1)·o/tp) with replicated
     input and sharded output; rowwise: in columns likewise with sharded input, output all-reduced."""
 
-    def __init__(self, full: nn.Linear, kind: str, tp_mesh, q: QuantSpec):
+    def __init__(self, full: nn.Linear, kind: str, tp_mesh, q: QuantSpec, *, input_reduced: bool = False):
+        """`input_reduced`: colwise, the caller already applies the block's shared f to the input (the LoRA
+        layer's input, parallel/peft_tp.py), so this shard adds no all-reduce of its own."""
         super().__init__()
+        self.input_reduced = input_reduced
         from torch.distributed.tensor import DTensor
 
         self.kind = kind
@@ -184,5 +187,5 @@ class TPLinear4bit(nn.Module):
         if self.kind == "rowwise":
             y = reduce_from(self.inner(x), self.group)  # row-parallel "g"
         else:
-            y = self.inner(sum_grad_over(x, self.group))  # column-parallel "f"
+            y = self.inner(x if self.input_reduced else sum_grad_over(x, self.group))  # column-parallel "f"
         return y if self.bias is None else y + self.bias.to(y.dtype)

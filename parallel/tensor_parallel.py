@@ -1,7 +1,9 @@
 """Apply a family's tensor-parallel plan (parallel/models/<family>.py) with DTensor.
 
 - Linear layers in a decoder block: "colwise" (out-features sharded) / "rowwise" (in-features sharded,
-  output all-reduced), the Megatron pairing. Fused head-major QKV (BLOOM, NeoX: the fused output is
+  output all-reduced), the Megatron pairing, computed on local shards with Megatron's f / g collectives
+  (parallel/tp_linear.py): one input-gradient all-reduce per attention block and one per MLP, and no
+  DTensor dispatch in the blocks' hot path; the parameters stay DTensors. Fused head-major QKV (BLOOM, NeoX: the fused output is
   [heads, 3, head_dim]) shards contiguously, which keeps whole heads on a rank. GPT-2's [q | k | v] c_attn
   is unfused into three Linears by parallel/hf_surgery.py, so each of q, k, v is sharded on its own.
 - GQA: k/v projections are sharded by kv heads like q (validate_model_dims requires tp | num_kv_heads).
@@ -16,8 +18,9 @@
 - Sequence parallel (optional): HF builds the causal mask, ALiBi and rotary tables at model level from
   the full sequence, so the residual stream stays replicated *between* decoder blocks and each block is
   wrapped Replicate -> Shard(1) -> Replicate. Inside a block the norms and residual adds run on this
-  rank's sequence slice; attention / MLP inputs are all-gathered and the row-parallel outputs are
-  reduce-scattered back to Shard(1) (in place of the all-reduce). The family's `sp_plan` names the norms
+  rank's sequence slice; attention / MLP inputs are all-gathered (their gradient reduce-scattered: one per
+  attention / MLP) and the row-parallel outputs are reduce-scattered back to Shard(1) (in place of the
+  all-reduce). The family's `sp_plan` names the norms
   and the gathered modules.
 - Adapters (PEFT): a LoRA-wrapped linear takes its base's style (parallel/peft_tp.py).
 """
@@ -35,19 +38,22 @@ from torch.distributed.tensor.parallel import (
 
 from trellis.errors import ConfigError
 
+from .collectives import gather_seq
 from .models import FAMILIES
 from .models.base import FamilySpec
 from .peft_tp import adapter_plan
+from .tp_linear import LocalColwise, LocalRowwise, SharedInput
 
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "num_key_value_heads", "split_size", "embed_dim",
                "hidden_size")
 
 
-def _style(kind: str, sequence_parallel: bool):
+def _style(kind: str, sequence_parallel: bool, shared: SharedInput):
     if kind in ("colwise", "colwise_qkv_headmajor"):
-        return ColwiseParallel()
+        # under sequence parallel the gather module's reduce-scatter reduces the input gradient
+        return LocalColwise(None if sequence_parallel else shared)
     if kind == "rowwise":
-        return RowwiseParallel(output_layouts=Shard(1)) if sequence_parallel else RowwiseParallel()
+        return LocalRowwise(sequence_parallel)
     raise ValueError(f"unknown tensor-parallel style {kind!r}")
 
 
@@ -106,6 +112,7 @@ def _map_hidden_output(fn):
 
 def _apply_sequence_parallel(block: nn.Module, spec: FamilySpec, tp_mesh) -> None:
     tp = tp_mesh.size()
+    group = tp_mesh.get_group()
 
     def shard_seq(x):
         if x.shape[1] % tp:
@@ -121,9 +128,8 @@ def _apply_sequence_parallel(block: nn.Module, spec: FamilySpec, tp_mesh) -> Non
             # use_local_output: residual adds (some inside HF attention/MLP modules) mix the norm's output
             # with plain local tensors.
             parallelize_module(mod, tp_mesh, SequenceParallel(use_local_output=True))
-        elif kind == "gather":
-            mod.register_forward_pre_hook(
-                _map_hidden_input(lambda x: _relayout(x, tp_mesh, Shard(1), Replicate())), with_kwargs=True)
+        elif kind == "gather":  # all-gather forward, reduce-scatter of the summed input gradient backward
+            mod.register_forward_pre_hook(_map_hidden_input(lambda x: gather_seq(x, group)), with_kwargs=True)
         else:
             raise ValueError(f"unknown sequence-parallel kind {kind!r} in the {spec.name} spec")
 
@@ -178,9 +184,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, spec: FamilySpec, *, sequen
 
     n_heads = getattr(model.config, "num_attention_heads", None) or getattr(model.config, "n_head")
     for block in model.get_submodule(spec.layers):
+        shared = SharedInput(tp_mesh.get_group())  # one f per distinct input of the block's colwise linears
+        block.register_forward_pre_hook(shared.reset)
+        block.register_forward_hook(shared.reset)
         plan: dict = {}
         for path, kind in spec.tp_plan.items():
-            plan.update(adapter_plan(block, path, _style(kind, sequence_parallel), kind))
+            plan.update(adapter_plan(block, path, _style(kind, sequence_parallel, shared), kind))
         parallelize_module(block, tp_mesh, plan)
         for path in spec.tp_head_norms:  # per-head norms: input sharded over heads (dim 2), weight Replicate
             norm = block.get_submodule(path)

@@ -36,19 +36,19 @@ def test_collective_counter_counts_calls_and_bytes_and_restores(tmp_path):
     import torch
     import torch.distributed as dist
 
-    from trellis.parallel.comm_count import CollectiveCounter
+    from trellis.parallel.comm_count import count_collectives
 
     original = dist.all_reduce
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        with CollectiveCounter() as cc:
+        with count_collectives() as cc:
             dist.all_reduce(torch.zeros(3, dtype=torch.float64))
             torch.distributed.distributed_c10d.all_reduce(torch.zeros(2))  # the other namespace, same counter
             dist.broadcast(torch.zeros(4, dtype=torch.int64), src=0)
             cc.active = False
             dist.all_reduce(torch.zeros(1))  # paused: not counted
         assert cc.snapshot() == {"all_reduce": 2, "broadcast": 1}
-        assert dict(cc.bytes) == {"all_reduce": 3 * 8 + 2 * 4, "broadcast": 4 * 8}
+        assert cc.bytes("single-rank", "all_reduce") == 3 * 8 + 2 * 4 and cc.bytes("single-rank", "broadcast") == 4 * 8
         assert dist.all_reduce is original
     finally:
         dist.destroy_process_group()
