@@ -240,7 +240,7 @@ class Checkpointer:
         checks it from the bytes DCP reads (one pass); rank 0 hashes the few small files first (metadata,
         trainer state, RNG). Otherwise every file is hashed before loading (unless `verified`). `fallback`
         (--resume auto): a checkpoint that does not verify raises _Unverified (try the next one)."""
-        t0 = time.perf_counter()
+        t0, read0 = time.perf_counter(), io.process_read_bytes()
         one_pass = self._verifies_while_reading()
         err, integrity, meta = None, False, None
         if self.rank == 0:
@@ -292,7 +292,10 @@ class Checkpointer:
         self.last_saved, self.last_saved_step = path, state.step
         self._last_bytes = sum(f["bytes"] for f in meta["files"].values())  # the free-space check's estimate
         if self.rank == 0:
-            print(f"checkpoint: resumed from {path} (step {state.step}) in {time.perf_counter() - t0:.2f}s",
+            read1 = io.process_read_bytes()
+            read = (f"; rank 0 read {read1 - read0} bytes, the checkpoint has {self._last_bytes}"
+                    if read0 is not None and read1 is not None else "")
+            print(f"checkpoint: resumed from {path} (step {state.step}) in {time.perf_counter() - t0:.2f}s{read}",
                   file=sys.stderr)
         return state
 

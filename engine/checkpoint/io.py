@@ -38,6 +38,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def process_read_bytes() -> int | None:
+    """Bytes this process has read through read(2) and friends (/proc/self/io `rchar`; None where absent)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():

@@ -92,8 +92,8 @@ def test_a_run_whose_lease_was_taken_over_stops_without_writing(repo, tmp_path):
     the lease (before it starts and before step-N.tmp becomes step-N), stops with one line naming the new
     holder, exit 1, no step-N published after the takeover and no step-N.tmp left; the new lease stays."""
     ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
-    p = subprocess.Popen([*TRAIN, "--train.steps=100000", "--parallel.dp=1", "--data.seq_len=32", f"--checkpoint.dir={ck}",
-                          "--checkpoint.interval=2", f"--logging.metrics_file={m}"], cwd=repo,
+    p = subprocess.Popen([*TRAIN, "--train.steps=100000", "--parallel.dp=1", "--data.seq_len=32",
+                          f"--checkpoint.dir={ck}", "--checkpoint.interval=2", f"--logging.metrics_file={m}"], cwd=repo,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
