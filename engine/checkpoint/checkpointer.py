@@ -215,10 +215,9 @@ class Checkpointer:
                 state = self.load(path, fallback=True)
             except _Unverified as e:
                 skipped.append((path, e.why))
+                self._say_skipped(skipped[-1:])
                 continue
-            self._say_skipped(skipped)
             return path, state
-        self._say_skipped(skipped)
         return self._nothing_verifies(skipped)
 
     def _verifies_while_reading(self) -> bool:
