@@ -34,3 +34,10 @@ class CheckpointSaveError(UserError):
     earlier checkpoint is kept."""
 
     exit_code = 1
+
+
+class LeaseLost(UserError):
+    """The lease on checkpoint.dir was taken over by another run: this run must not write a checkpoint there.
+    One line naming the new holder, exit 1 (the step-N.tmp being written is removed; nothing is published)."""
+
+    exit_code = 1

@@ -18,6 +18,7 @@ from trellis.parallel.loss import IGNORE_INDEX, causal_lm_loss_sum, loss_paralle
 from trellis.parallel.parallelize import ParallelModel, parallelize
 
 from ..checkpoint.safe_load import dcp_load
+from ..checkpoint.storage import TrellisWriter, empty_copy as _empty_copy
 from ..amp import DynamicLossScaler, autocast_context, compute_dtype
 from ..data import Batch, global_token_count, local_token_count
 from ..loss import LossFn, PipelineFeed, micro_loss_sum, on_device, takes_sharded_logits
@@ -318,16 +319,30 @@ class NativeBackend(Backend):
             state["adalora"] = self.adalora.state()
         return state
 
-    def save(self, directory: Path) -> None:
-        dcp.save(self._current_state(), checkpoint_id=str(directory))
+    def save(self, directory: Path) -> dict[str, tuple[str, int]]:
+        """DCP save, one file per rank hashed while written: {file name in `directory`: (sha256, bytes)} of
+        the files this rank wrote (checkpoint/storage.py)."""
+        writer = TrellisWriter(str(directory))
+        dcp.save(self._current_state(), storage_writer=writer)
+        return writer.file_hashes
 
-    def load(self, directory: Path) -> None:
-        state = self._current_state()
-        dcp_load(state, directory)  # dcp.load with allow-listed metadata / non-tensor items
+    verifies_while_reading = True  # load(expected=...) checks every file's sha256 from the bytes it reads
+
+    def load(self, directory: Path, expected: dict[str, str] | None = None) -> int:
+        """Load into a copy of the state, verifying `expected` ({file name: sha256}) from the bytes read; only
+        a load that succeeded on every rank is applied (set_state_dict), so a damaged file changes nothing.
+        Returns the bytes this rank read."""
+        live = self._current_state()
+        state = _empty_copy(live)
+        reader = dcp_load(state, directory, expected)  # allow-listed metadata / non-tensor items
         set_state_dict(self.module, self._optimizers(), model_state_dict=state["model"],
                        optim_state_dict=state["optim"], options=self._state_options())
-        if self.adalora is not None:
+        if self.adalora is not None:  # its EMAs are read in place: copy them into the live tensors
+            for k, v in state["adalora"].items():
+                if isinstance(v, torch.Tensor) and isinstance(live["adalora"].get(k), torch.Tensor):
+                    live["adalora"][k].copy_(v)
             self.adalora.load(state["adalora"])
+        return reader.bytes_read
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from trellis import __version__
 from trellis.configs import to_dict, to_toml
 from trellis.configs.schema import TRAJECTORY_FIELDS
-from trellis.errors import CheckpointError, CheckpointSaveError
+from trellis.errors import CheckpointError, CheckpointSaveError, LeaseLost
 from trellis.parallel.models.dims import dims_from_hf_config
 
 from ..distributed import broadcast_object as _broadcast
@@ -97,7 +97,17 @@ class Checkpointer:
         tmp, final_dir = io.tmp_dir(self.root, step), io.step_dir(self.root, step)
         main = self.rank == 0
 
+        hashes: dict = {}
+
+        def fence():
+            # A run whose lease was taken over (another run now owns checkpoint.dir) must not write there.
+            who = self.lease.taken_by() if self.lease is not None else None
+            if who is not None:
+                raise _LeaseLostSignal(f"checkpoint {tmp.name} not saved: the lease on checkpoint.dir={self.root} "
+                                       f"was taken over by {who}; this run stops without writing there")
+
         def start():
+            fence()
             self.root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # left by a run killed mid-save
@@ -105,7 +115,11 @@ class Checkpointer:
             (tmp / "rng").mkdir(parents=True)
 
         def write():
-            self.backend.save(tmp / STATE_DIR)  # collective: DCP raises on every rank when one fails
+            # collective: DCP raises on every rank when one fails. The native backend hashes while writing.
+            written = self.backend.save(tmp / STATE_DIR)
+            return {f"{STATE_DIR}/{k}": v for k, v in (written or {}).items()}
+
+        def write_small():
             _save_rng(tmp / "rng" / f"rank{self.rank}.safetensors")
             if main:
                 (tmp / TRAINER_STATE).write_text(json.dumps(self._trainer_state(step, tokens_seen), indent=1))
@@ -114,37 +128,44 @@ class Checkpointer:
         def publish():
             # write_s: every rank's shards written (the part that scales with model size / ranks).
             meta = {**self._metadata(step, tokens_seen), "write_s": round(time.perf_counter() - t0, 4)}
-            io.write_metadata_and_publish(tmp, final_dir, meta)
+            io.write_metadata_and_publish(tmp, final_dir, meta, known=hashes, before_rename=fence)
             self._last_bytes = io.dir_bytes(final_dir)
             io.prune(self.root, self.cfg.checkpoint.keep_last_k)
 
         # Each phase ends in an agreement over every rank (it is also the barrier between phases): a failure
         # on any rank stops every rank at the same point, with one message.
         self._agreed(start if main else None, tmp)
-        self._agreed(write, tmp)  # every rank's files are in tmp
+        for h in self._agreed(write, tmp):  # every rank's shards are in tmp, and their sha256 on rank 0
+            hashes.update(h or {})
+        self._agreed(write_small, tmp)
         self._agreed(publish if main else None, tmp)  # nobody goes on (or exits) before it is published
         self.last_saved, self.last_saved_step = final_dir, step
         self._t_last = time.monotonic()
         return final_dir
 
-    def _agreed(self, fn, tmp: Path) -> None:
+    def _agreed(self, fn, tmp: Path) -> list:
         """Run `fn` (None: nothing on this rank), then agree with every rank on whether anyone failed; on a
-        failure rank 0 removes `tmp` and every rank raises CheckpointSaveError with the first rank's cause."""
-        err = None
+        failure rank 0 removes `tmp` and every rank raises CheckpointSaveError with the first rank's cause
+        (LeaseLost when the lease was taken over: that one always stops the run). Returns every rank's
+        result of `fn` (on every rank: the one gather is also the agreement)."""
+        err, out = None, None
         if fn is not None:
             try:
-                fn()
+                out = fn()
+            except _LeaseLostSignal as e:
+                err = ("lease", str(e))
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-                err = describe_save_error(e, tmp)
-        errs: list = [None] * dist.get_world_size()
-        dist.all_gather_object(errs, err)
-        first = next((e for e in errs if e), None)
+                err = ("save", describe_save_error(e, tmp))
+        got: list = [None] * dist.get_world_size()
+        dist.all_gather_object(got, (err, out))
+        first = next((e for e, _ in got if e), None)
         if first is None:
-            return
+            return [o for _, o in got]
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()  # tmp is gone before anyone reports (a supervisor may retry at once)
-        raise CheckpointSaveError(first)
+        kind, msg = first
+        raise LeaseLost(msg) if kind == "lease" else CheckpointSaveError(msg)
 
     def _check_free_space(self, tmp: Path) -> None:
         """Refuse before writing when the filesystem has less room than the last checkpoint took (+10 %)."""
@@ -176,34 +197,85 @@ class Checkpointer:
             return None
         if r != "auto":
             return Path(r), self.load(Path(r))
-        # auto: the newest checkpoint that verifies (every checksum), saying which newer ones were skipped
-        found = io.newest_verified(self.root) if self.rank == 0 else None
-        path, skipped = _broadcast(found)
+        if not self._verifies_while_reading():
+            # auto: the newest checkpoint that verifies (every checksum), saying which newer ones were skipped
+            found = io.newest_verified(self.root) if self.rank == 0 else None
+            path, skipped = _broadcast(found)
+            self._say_skipped(skipped)
+            if path is None:
+                return self._nothing_verifies(skipped)
+            return path, self.load(path, verified=True)
+        # auto, verifying while reading: newest first; one that fails its checksums during the load (nothing
+        # of it applied) is skipped and the next older one is loaded. Each shard is read once.
+        cands = [p for _, p, _ in reversed(io.list_checkpoints(self.root))] if self.rank == 0 else None
+        cands = _broadcast(cands)
+        skipped: list[tuple[Path, str]] = []
+        for path in cands:
+            try:
+                state = self.load(path, fallback=True)
+            except _Unverified as e:
+                skipped.append((path, e.why))
+                self._say_skipped(skipped[-1:])
+                continue
+            return path, state
+        return self._nothing_verifies(skipped)
+
+    def _verifies_while_reading(self) -> bool:
+        return bool(getattr(self.backend, "verifies_while_reading", False))
+
+    def _say_skipped(self, skipped) -> None:
         if self.rank == 0:
             for p, why in skipped:
                 print(f"checkpoint: skipped {p.name}: {why}", file=sys.stderr)
-        if path is None:
-            if skipped:
-                raise CheckpointError([f"--resume auto: no checkpoint in {self.root} verifies (see above); remove the "
-                                       "damaged ones to start fresh, or resume from a copy"])
-            return None  # auto with nothing saved yet: start fresh
-        return path, self.load(path, verified=True)
 
-    def load(self, path: Path, verified: bool = False) -> TrainerState:
-        t0 = time.perf_counter()
-        err = None
-        meta = None
+    def _nothing_verifies(self, skipped):
+        if skipped:
+            raise CheckpointError([f"--resume auto: no checkpoint in {self.root} verifies (see above); remove the "
+                                   "damaged ones to start fresh, or resume from a copy"])
+        return None  # auto with nothing saved yet: start fresh
+
+    def load(self, path: Path, verified: bool = False, fallback: bool = False) -> TrainerState:
+        """Resume from `path`. A backend that verifies while reading (native) gets every shard's sha256 and
+        checks it from the bytes DCP reads (one pass); rank 0 hashes the few small files first (metadata,
+        trainer state, RNG). Otherwise every file is hashed before loading (unless `verified`). `fallback`
+        (--resume auto): a checkpoint that does not verify raises _Unverified (try the next one)."""
+        t0, read0 = time.perf_counter(), io.process_read_bytes()
+        one_pass = self._verifies_while_reading()
+        err, integrity, meta = None, False, None
         if self.rank == 0:
             try:
-                meta = io.read_metadata(path) if verified else io.verify(path)
+                try:
+                    if one_pass:
+                        meta = io.read_metadata(path)
+                        if meta is None:
+                            raise CheckpointError(f"{path}: not a valid checkpoint (no readable {io.METADATA}); "
+                                                  "it was not completed")
+                        io.check_files(path, meta, hash_unless=_is_shard)
+                    else:
+                        meta = io.read_metadata(path) if verified else io.verify(path)
+                except CheckpointError:
+                    integrity = True
+                    raise
                 check_compatible(meta, self.hf_config, self.cfg, self.sampler.global_batch_size)
                 self.backend.check_state(path / STATE_DIR)  # no pickle in it may run code (checkpoint/safe_load.py)
             except CheckpointError as e:
                 err = e.messages
-        err, meta = _broadcast((err, meta))
+        err, integrity, meta = _broadcast((err, integrity, meta))
         if err:
+            if fallback and integrity:
+                raise _Unverified(err[0])
             raise CheckpointError(err)
-        self.backend.load(path / STATE_DIR)
+        if one_pass:
+            expected = {rel[len(STATE_DIR) + 1:]: info["sha256"] for rel, info in meta["files"].items()
+                        if rel.startswith(STATE_DIR + "/")}
+            try:
+                self.last_load_bytes = self.backend.load(path / STATE_DIR, expected=expected)
+            except CheckpointError as e:  # the same line on every rank (DCP gathers the failures)
+                if fallback:
+                    raise _Unverified(e.messages[0]) from None
+                raise
+        else:
+            self.backend.load(path / STATE_DIR)
         ts = json.loads((path / TRAINER_STATE).read_text())
         self.sampler.load_state_dict(ts["sampler"])
         scaler = self.backend.loss_scaler
@@ -219,9 +291,28 @@ class Checkpointer:
         self.last_saved, self.last_saved_step = path, state.step
         self._last_bytes = sum(f["bytes"] for f in meta["files"].values())  # the free-space check's estimate
         if self.rank == 0:
-            print(f"checkpoint: resumed from {path} (step {state.step}) in {time.perf_counter() - t0:.2f}s",
+            read1 = io.process_read_bytes()
+            read = (f"; rank 0 read {read1 - read0} bytes, the checkpoint has {self._last_bytes}"
+                    if read0 is not None and read1 is not None else "")
+            print(f"checkpoint: resumed from {path} (step {state.step}) in {time.perf_counter() - t0:.2f}s{read}",
                   file=sys.stderr)
         return state
+
+
+def _is_shard(rel: str) -> bool:
+    return rel.startswith(STATE_DIR + "/") and rel.endswith(".distcp")
+
+
+class _Unverified(Exception):
+    """--resume auto: this checkpoint fails its checks (nothing of it was applied); try the next older one."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+class _LeaseLostSignal(Exception):
+    """Raised inside a save phase on rank 0 when the lease was taken over; becomes LeaseLost on every rank."""
 
 
 def _save_rng(path: Path) -> None:

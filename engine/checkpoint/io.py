@@ -38,6 +38,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def process_read_bytes() -> int | None:
+    """Bytes this process has read through read(2) and friends (/proc/self/io `rchar`; None where absent)."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("rchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
@@ -51,17 +62,28 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def write_metadata_and_publish(tmp: Path, final: Path, meta: dict) -> None:
-    """Rank 0 only, after every rank has written its files into `tmp`."""
+def write_metadata_and_publish(tmp: Path, final: Path, meta: dict, known: dict | None = None,
+                               before_rename=None) -> None:
+    """Rank 0 only, after every rank has written its files into `tmp`. `known`: {relative path: (sha256,
+    bytes)} hashed while they were written (not read again; a size that differs means the file changed
+    since, and it is hashed from disk). `before_rename()` runs last, just before the rename (the lease fence:
+    it raises when this run no longer owns the directory)."""
+    known = known or {}
     files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != METADATA)
-    meta = {**meta, "format_version": FORMAT_VERSION,
-            "files": {str(p.relative_to(tmp)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}}
+    entries = {}
+    for p in files:
+        rel, size = str(p.relative_to(tmp)), p.stat().st_size
+        k = known.get(rel)
+        entries[rel] = {"sha256": k[0] if k and k[1] == size else sha256(p), "bytes": size}
+    meta = {**meta, "format_version": FORMAT_VERSION, "files": entries}
     fsync_tree(tmp)
     m = tmp / METADATA
     with open(m, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     if final.exists():  # a re-save of the same step (e.g. final save right after an interval save)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -128,6 +150,19 @@ def verify(path: Path, meta: dict | None = None) -> dict:
         if sha256(f) != info["sha256"]:
             raise CheckpointError(f"{f}: checksum mismatch (the file is corrupted)")
     return meta
+
+
+def check_files(path: Path, meta: dict, hash_unless=lambda rel: False) -> None:
+    """Every file of `meta` present with its size; hashed (sha256 from disk) unless `hash_unless(rel)`:
+    those are verified by whoever reads them (the DCP shards, by the load itself)."""
+    for rel, info in meta["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"{f}: truncated or changed ({f.stat().st_size} bytes, expected {info['bytes']})")
+        if not hash_unless(rel) and sha256(f) != info["sha256"]:
+            raise CheckpointError(f"{f}: checksum mismatch (the file is corrupted)")
 
 
 def prune(root: Path, keep_last_k: int) -> None:

@@ -220,6 +220,17 @@ class Lease:
             except OSError as e:  # a full or unreachable file system: keep trying, say so
                 print(f"warning: could not refresh the lease {self.path}: {e}", file=sys.stderr, flush=True)
 
+    def taken_by(self) -> str | None:
+        """None while this run holds the lease; else who holds it now (the fence a save checks before it
+        starts and before it publishes step-N: a run whose lease was taken over must not write)."""
+        cur = self.read()
+        if cur and cur.get("token") == self.token:
+            return None
+        self.lost = True
+        if not cur:
+            return "nobody (the lease file was removed)"
+        return "an unreadable lease file" if "corrupt" in cur else describe_holder(cur)
+
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():

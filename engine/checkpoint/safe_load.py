@@ -143,11 +143,45 @@ class SafeEmptyLoadPlanner(_EmptyStateDictLoadPlanner):
     load_bytes = SafeLoadPlanner.load_bytes
 
 
-def dcp_load(state: dict, path) -> None:
-    """`dcp.load(state, checkpoint_id=path)` with the allow-listed reader and planner."""
+def dcp_load(state: dict, path, expected: dict[str, str] | None = None):
+    """`dcp.load(state, checkpoint_id=path)` with the allow-listed reader and planner; `expected` ({file name:
+    sha256}) verifies every file from the bytes read (checkpoint/storage.py). Returns the reader (its
+    `bytes_read` and `verified`). A checksum failure on any rank is one CheckpointError on every rank."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner())
+    from .storage import TrellisReader
+
+    reader = TrellisReader(str(path), expected)
+    try:
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
+    except CheckpointException as e:
+        found = _find_checkpoint_error(e)
+        if found is not None:
+            raise CheckpointError(found.messages) from None
+        raise
+    return reader
+
+
+def _find_checkpoint_error(e: BaseException, seen: set | None = None) -> CheckpointError | None:
+    """The first CheckpointError inside DCP's CheckpointException (rank -> (exception, stack)), lowest rank
+    first, so every rank reports the same line."""
+    seen = seen if seen is not None else set()
+    if e is None or id(e) in seen:
+        return None
+    seen.add(id(e))
+    if isinstance(e, CheckpointError):
+        return e
+    nested = []
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        nested += [f[0] if isinstance(f, tuple) else f for _, f in sorted(failures.items())]
+    nested += [e.__cause__, e.__context__]
+    for n in nested:
+        found = _find_checkpoint_error(n, seen)
+        if found is not None:
+            return found
+    return None
 
 
 def dcp_full_state(path) -> dict:
@@ -156,8 +190,9 @@ def dcp_full_state(path) -> dict:
 
     load_dcp_metadata(Path(path))  # a clean one-line refusal before DCP's own error wrapping
     sd: dict = {}
-    _load_state_dict(sd, storage_reader=SafeFileSystemReader(str(path)), planner=SafeEmptyLoadPlanner(),
-                     no_dist=True)
+    from .storage import TrellisReader
+
+    _load_state_dict(sd, storage_reader=TrellisReader(str(path)), planner=SafeEmptyLoadPlanner(), no_dist=True)
     return sd
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,3 +137,31 @@ def test_resume_auto_skips_a_damaged_newest_checkpoint_and_list_says_so(repo, tm
     assert "checkpoint: skipped step-2:" in r.stderr and "checksum" in r.stderr, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "step-1 (step 1)" in r.stderr
     assert _steps(m) == [2, 3]
+
+
+def test_resume_reads_the_checkpoint_once_and_a_flipped_shard_byte_stops_it(repo, tmp_path, two_checkpoints):
+    """Verify while reading: a resume reads every file about once (rank 0's read(2) bytes, /proc/self/io, not
+    the reader's own count: a separate verify pass would double them), and a shard byte flipped where DCP
+    itself would not notice is one line naming the file, exit 2, before training."""
+    ck = tmp_path / "ck"
+    shutil.copytree(two_checkpoints, ck)
+    m = tmp_path / "m.jsonl"
+    r = _train(repo, "--train.steps=3", f"--checkpoint.dir={ck}", f"--resume={ck / 'step-2'}",
+               f"--logging.metrics_file={m}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = re.search(r"resumed from .*step-2 \(step 2\) .*; rank 0 read (\d+) bytes, the checkpoint has (\d+)",
+                     r.stderr)
+    assert read, r.stderr[-3000:]
+    got, total = int(read.group(1)), int(read.group(2))
+    shards = sum(p.stat().st_size for p in (ck / "step-2" / "state").glob("*.distcp"))
+    assert total >= shards and shards <= got < total + shards // 2, (got, total, shards)
+    assert _steps(m) == [3]
+    shard = next((ck / "step-2" / "state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x01  # the last bytes of a tensor: DCP would load the wrong value without complaint
+    shard.write_bytes(bytes(data))
+    r = _train(repo, "--train.steps=3", f"--checkpoint.dir={ck}", f"--resume={ck / 'step-2'}",
+               f"--logging.metrics_file={tmp_path / 'm2.jsonl'}")
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"error: {shard}: checksum mismatch (the file is corrupted)" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not (tmp_path / "m2.jsonl").exists()

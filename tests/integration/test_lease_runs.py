@@ -85,3 +85,39 @@ def test_stale_lease_is_taken_over_and_foreign_fresh_lease_refuses(repo, tmp_pat
     assert "in use by another run: pid 31337 on host gpu-node-17, Slurm job 77" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert json.loads((foreign / LEASE_FILE).read_text())["pid"] == 31337 and not list(foreign.glob("step-*"))
+
+
+def test_a_run_whose_lease_was_taken_over_stops_without_writing(repo, tmp_path):
+    """The fence: another run (a foreign host) took the lease over while this one trains; its next save checks
+    the lease (before it starts and before step-N.tmp becomes step-N), stops with one line naming the new
+    holder, exit 1, no step-N published after the takeover and no step-N.tmp left; the new lease stays."""
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    p = subprocess.Popen([*TRAIN, "--train.steps=100000", "--parallel.dp=1", "--data.seq_len=32",
+                          f"--checkpoint.dir={ck}", "--checkpoint.interval=2", f"--logging.metrics_file={m}"], cwd=repo,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (ck / "step-2").is_dir():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-3000:]
+            time.sleep(0.05)
+        now = time.time()
+        new = {"host": "gpu-node-17", "boot_id": "b", "pid_ns": "p", "pid": 31337, "pid_started": None,
+               "job_id": "77", "started": now, "heartbeat": now, "interval_s": 30.0, "token": "theirs"}
+        tmp = ck / "lease.new"
+        tmp.write_text(json.dumps(new))
+        tmp.rename(ck / LEASE_FILE)  # atomically, as the lease code itself replaces it
+        taken = max(s for s in (int(d.name.split("-")[1]) for d in ck.glob("step-*") if d.name[5:].isdigit()))
+        _, err = p.communicate(timeout=180)
+    finally:
+        if p.poll() is None:
+            for c in psutil.Process(p.pid).children():
+                c.kill()
+            p.kill()
+    assert p.returncode == exit_codes.FAILURE, err[-3000:]
+    assert ("was taken over by pid 31337 on host gpu-node-17, Slurm job 77" in err
+            and "this run stops without writing there" in err), err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    steps = sorted(int(d.name.split("-")[1]) for d in ck.glob("step-*") if d.name[5:].isdigit())
+    assert steps and steps[-1] <= taken + 2, (steps, taken)  # at most the save already past its fence
+    assert not list(ck.glob("step-*.tmp"))
+    assert json.loads((ck / LEASE_FILE).read_text())["token"] == "theirs"  # the new holder's lease is kept
