@@ -6,7 +6,7 @@ gradients are reduced in fp32.
 
 Loss scaling (fp16 only), the DeepSpeed semantics users know:
 - start at 2**initial_scale_power;
-- an overflow (inf/nan in any gradient on ANY rank; the flag is all-reduced over the whole world) skips
+- an overflow (inf/nan in any gradient on ANY rank; the flag rides on the step's one scalar all-reduce) skips
   the optimizer step on every rank. The first `hysteresis - 1` overflows only use up hysteresis; from
   then on every overflow halves the scale, until the scale grows again (which refills hysteresis);
 - after `window` consecutive clean steps the scale doubles;
@@ -19,7 +19,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from trellis.errors import UserError
 
@@ -109,15 +108,3 @@ class StaticLossScaler:
 
     def load_state_dict(self, s: dict) -> None:
         self.overflows = int(s.get("overflows", 0))
-
-
-def found_inf_anywhere(grads: list[torch.Tensor], device: torch.device, group=None) -> bool:
-    """True if any local gradient has inf/nan on any rank (all-reduce MAX over `group`, default world)."""
-    flag = torch.zeros(1, device=device)
-    for g in grads:
-        if not torch.isfinite(g).all():
-            flag.fill_(1.0)
-            break
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
