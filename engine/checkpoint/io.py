@@ -141,14 +141,7 @@ def verify(path: Path, meta: dict | None = None) -> dict:
     meta = meta or read_metadata(path)
     if meta is None:
         raise CheckpointError(f"{path}: not a valid checkpoint (no readable {METADATA}); it was not completed")
-    for rel, info in meta["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing from the checkpoint")
-        if f.stat().st_size != info["bytes"]:
-            raise CheckpointError(f"{f}: truncated or changed ({f.stat().st_size} bytes, expected {info['bytes']})")
-        if sha256(f) != info["sha256"]:
-            raise CheckpointError(f"{f}: checksum mismatch (the file is corrupted)")
+    check_files(path, meta)
     return meta
 
 

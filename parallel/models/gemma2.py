@@ -8,8 +8,10 @@ applied by the last stage as HF's Gemma2ForCausalLM does. Sequences longer than 
 refused (the full causal masks trellis builds are exact only within it).
 """
 
-from .base import FamilySpec
+import dataclasses
+
 from .checks import layer_types_slide, sliding_window_limit
+from .llama import SPEC as LLAMA
 
 
 def _dims(c) -> dict:
@@ -30,31 +32,15 @@ def _check(c, seq_len: int) -> str | None:
     return sliding_window_limit(c, seq_len, layers_slide=layer_types_slide(c) or not getattr(c, "layer_types", None))
 
 
-SPEC = FamilySpec(
+# llama's layout and TP plan; the linears' biases differ (no MLP bias flag), plus what is listed here
+SPEC = dataclasses.replace(
+    LLAMA,
     name="gemma2",
     model_types=("gemma2",),
-    backbone="model",
-    layers="model.layers",
-    embed_tokens="model.embed_tokens",
-    final_norm="model.norm",
-    rotary_emb="model.rotary_emb",
-    attention="self_attn",
-    tp_plan={
-        "self_attn.q_proj": "colwise",
-        "self_attn.k_proj": "colwise",
-        "self_attn.v_proj": "colwise",
-        "self_attn.o_proj": "rowwise",
-        "mlp.gate_proj": "colwise",
-        "mlp.up_proj": "colwise",
-        "mlp.down_proj": "rowwise",
-    },
-    default_lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     sp_plan={"input_layernorm": "norm", "self_attn": "gather", "post_attention_layernorm": "norm",
              "pre_feedforward_layernorm": "norm", "mlp": "gather", "post_feedforward_layernorm": "norm"},
     read_dims=_dims,
-    linears=(("self_attn.q_proj", "hidden", "q", "qkv_bias"), ("self_attn.k_proj", "hidden", "kv", "qkv_bias"),
-             ("self_attn.v_proj", "hidden", "kv", "qkv_bias"), ("self_attn.o_proj", "q", "hidden", "o_bias"),
-             ("mlp.gate_proj", "hidden", "ffn", False), ("mlp.up_proj", "hidden", "ffn", False),
-             ("mlp.down_proj", "ffn", "hidden", False)),
+    linears=LLAMA.linears[:4] + (("mlp.gate_proj", "hidden", "ffn", False), ("mlp.up_proj", "hidden", "ffn", False),
+                                 ("mlp.down_proj", "ffn", "hidden", False)),
     check_config=_check,
 )
