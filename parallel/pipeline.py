@@ -369,6 +369,19 @@ def build_stage_module(model: nn.Module, spec: FamilySpec, stage_idx: int, num_s
                        prompt=prompt)
 
 
+def _process_groups(model: nn.Module) -> dict[int, object]:
+    """The ProcessGroups the model's modules keep (tensor-parallel linears and their shared input `f` hold
+    the tp group) as a deepcopy memo: the copies share them (a ProcessGroup cannot be copied)."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            inner = vars(v).values() if hasattr(v, "__dict__") and not isinstance(v, (nn.Module, torch.Tensor)) else ()
+            for x in (v, *inner):
+                if isinstance(x, dist.ProcessGroup):
+                    memo[id(x)] = x
+    return memo
+
+
 def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str, n_microbatches: int,
                    split_mode: str, loss_fn, prompt: PromptHooks | None = None) -> Pipeline:
     if schedule not in SCHEDULES:
@@ -393,7 +406,7 @@ def build_pipeline(model: nn.Module, spec: FamilySpec, pp_mesh, *, schedule: str
         head = model.get_submodule(spec.lm_head)
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
     # each virtual stage consumes its own copy of the model (copies made before any is cut)
-    sources = [model] + [copy.deepcopy(model) for _ in stage_ids[1:]]
+    sources = [model] + [copy.deepcopy(model, memo=_process_groups(model)) for _ in stage_ids[1:]]
     stages = [build_stage_module(src, spec, i, num_stages, ranges[i], prompt) for src, i in zip(sources, stage_ids)]
     device = next(stages[0].parameters()).device
     return Pipeline(stages, stage_ids, num_stages, pp_mesh, schedule=schedule, n_microbatches=n_microbatches,
