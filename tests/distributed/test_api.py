@@ -227,7 +227,8 @@ TWO_RANKS = {
 
 def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
     scenarios = [{"overrides": {**BASE, **ov}, "loss": loss} for ov, loss in TWO_RANKS.values()]
-    cli_ov = {**BASE, "parallel.dp": 2, "logging.metrics_file": str(tmp_path / "cli.jsonl")}
+    cli_ov = {**BASE, "parallel.dp": 2, "logging.metrics_file": str(tmp_path / "cli.jsonl"),
+              "logging.mlflow_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     resume_ov = {**BASE, "parallel.dp": 2, "train.steps": 4}
     lora_ov = {**BASE, "parallel.dp": 2, "train.steps": 1, "peft.method": "lora",
                "checkpoint.dir": str(tmp_path / "lora_ckpt")}
@@ -257,6 +258,13 @@ def test_api_custom_losses_on_2_ranks_equal_the_reference_and_the_cli(tmp_path):
     cli, api = r0[-3]["losses"], r0[-2]["losses"]
     print("CLI", cli, "API", api)
     assert cli == api, "the CLI's Trainer and the API loop must give bit-identical losses"
+    # the Trainer's writer follows cfg.logging: the run's losses also went to the MLflow store (read back)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cli_ov["logging.mlflow_tracking_uri"])
+    (ml_run,) = client.search_runs([client.get_experiment_by_name("trellis").experiment_id])
+    ml_losses = [m.value for m in sorted(client.get_metric_history(ml_run.info.run_id, "loss"), key=lambda m: m.step)]
+    assert ml_losses == pytest.approx(cli, rel=1e-12)
     errors = r0[-2]["errors"]
     assert len(errors) == 2
     assert "1 micro-batches, but train.grad_accum=2" in errors[0]
