@@ -140,7 +140,9 @@ def test_phi3_fused_projections_unfuse_keep_logits_and_export_back_exactly():
     attn.num_heads = 4
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0)
+        # the same dot products, as one fused matmul or three: equal up to the kernel's summation order, which
+        # depends on the CPU's vector width (AVX2 measured 8.9e-8 on O(1) logits; AVX-512 0): a few fp32 ulps
+        torch.testing.assert_close(model(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=1e-6)
     exported = to_hf_state_dict(model.state_dict(), "phi3")
     expected = ref.state_dict()
     assert exported.keys() == expected.keys()
