@@ -200,7 +200,8 @@ class Engine:
         The LR is the config's schedule at `self.step`; the step counter advances."""
         batches = as_batches(micro_batches, "train_step", self.cfg.train.grad_accum)
         lr = lr_at(self.step, self.cfg.train)
-        res = self.backend.train_step(batches, lr, loss_fn=loss_fn, stop_signal=self.stop_requested)
+        # read at the step's scalar reduction: a signal that arrives during this step's forward/backward counts
+        res = self.backend.train_step(batches, lr, loss_fn=loss_fn, stop_signal=lambda: self.stop_requested)
         self.step += 1
         self.sampler.step = self.step
         self.tokens_seen += res.tokens

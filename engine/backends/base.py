@@ -48,7 +48,7 @@ class StepScalars:
     stop_signal: int  # the largest stop signal any rank had received, 0 if none
 
 
-def reduce_step_scalars(loss, tokens, grad_sq, stop_signal: int, device, group=None) -> StepScalars:
+def reduce_step_scalars(loss, tokens, grad_sq, stop_signal, device, group=None) -> StepScalars:
     """Loss, token count, squared gradient norm, non-finite flag and stop signal of one step in a single
     float64 all-reduce (SUM over `group`, default the world): the step's only scalar collective and its only
     host sync. `loss` and `grad_sq` may be device tensors (no sync before the collective); the non-finite flag
@@ -59,7 +59,8 @@ def reduce_step_scalars(loss, tokens, grad_sq, stop_signal: int, device, group=N
 
     loss_t, sq_t = f64(loss), f64(grad_sq)
     bad = (~torch.isfinite(loss_t) | ~torch.isfinite(sq_t)).to(torch.float64)
-    sig = torch.tensor([float(int(stop_signal) == int(s)) for s in STOP_SIGNALS], dtype=torch.float64, device=device)
+    received = int(stop_signal() if callable(stop_signal) else stop_signal)
+    sig = torch.tensor([float(received == int(s)) for s in STOP_SIGNALS], dtype=torch.float64, device=device)
     vec = torch.cat([torch.stack([loss_t, f64(tokens), sq_t, bad]), sig])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(vec, group=group)
@@ -92,11 +93,11 @@ class Backend(ABC):
         any rank starts, so it must be cheap (no heavy imports)."""
 
     @abstractmethod
-    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn=None, stop_signal: int = 0) -> StepResult:
+    def train_step(self, micro_batches: list[Batch], lr: float, loss_fn=None, stop_signal=0) -> StepResult:
         """Forward/backward over this rank's micro-batches, gradient reduction, optimizer step. `loss_fn`: a
         user's per-micro-batch loss (engine/loss.py), None = causal-LM cross-entropy. `stop_signal`: a stop
-        signal this rank received (0: none), agreed over the world in the step's scalar reduction and returned
-        in StepResult.stop_signal."""
+        signal this rank received (0: none) or a function returning it (read at the step's scalar reduction),
+        agreed over the world there and returned in StepResult.stop_signal."""
 
     @abstractmethod
     def eval_loss(self, micro_batches: list[Batch], loss_fn=None) -> float:

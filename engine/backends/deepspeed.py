@@ -276,7 +276,7 @@ class DeepSpeedBackend(Backend):
 
     # ---- the step ------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None,
-                   stop_signal: int = 0) -> StepResult:
+                   stop_signal=0) -> StepResult:
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
             raise RuntimeError(f"{len(micro_batches)} micro-batches for DeepSpeed's gradient_accumulation_steps="
                                f"{self.engine.gradient_accumulation_steps()}")

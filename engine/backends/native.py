@@ -137,7 +137,7 @@ class NativeBackend(Backend):
 
     # ---- the step ------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[Batch], lr: float, loss_fn: LossFn | None = None,
-                   stop_signal: int = 0) -> StepResult:
+                   stop_signal=0) -> StepResult:
         # The normaliser: the sampler's global count (no collective) or, for a user's batches, one all-reduce.
         # The step's scalar reduction below confirms it; a loop that changed labels gets its gradients rescaled.
         self._norm = float(self._global_tokens(micro_batches))
