@@ -76,6 +76,9 @@ class ReplicatedGradSync:
         if not self._armed:
             return
         i = self._bucket_of[id(p)]
+        if i < self._next:  # a second backward after arm(): this bucket's sum went out without it
+            raise RuntimeError(f"gradient sync: a gradient arrived after its bucket {i} was all-reduced (a "
+                               "second backward in the step's last micro-batch); reduce after it instead")
         self._ready[i] += 1
         while self._next < len(self.buckets) and self._ready[self._next] == len(self.buckets[self._next]):
             self._launch(self._next)

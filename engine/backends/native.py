@@ -123,8 +123,10 @@ class NativeBackend(Backend):
             last = i == n - 1
             if self.pm.fsdp:
                 self.module.set_requires_gradient_sync(last)
-            elif last and self.grad_sync is not None:
-                self.grad_sync.arm()  # the dp all-reduce of each bucket starts as its gradients complete
+            elif last and self.grad_sync is not None and self.adalora is None:
+                # the dp all-reduce of each bucket starts as its gradients complete (AdaLoRA: after its
+                # regulariser's own backward, which adds to the adapters' gradients once more)
+                self.grad_sync.arm()
             b = on_device(b, dev)  # once: the forward's inputs and the loss's labels / extras
             with loss_parallel_context(lp):
                 with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
