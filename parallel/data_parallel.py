@@ -45,7 +45,6 @@ class ReplicatedGradSync:
     accumulation's earlier micro-batches, pipeline stages) `sync()` reduces everything after the backward."""
 
     def __init__(self, params: list[torch.nn.Parameter], dp_group, dp_size: int, bucket_mb: float = 25.0):
-        self.params = params
         self.group = dp_group
         self.dp_size = dp_size
         self.buckets: list[list[torch.nn.Parameter]] = []

@@ -167,10 +167,10 @@ class NativeBackend(Backend):
             found_inf = red.nonfinite  # agreed over the whole world
             self.scaler.update(found_inf)  # raises LossScaleUnderflow at the minimum scale
             if found_inf:
-                return self._skip(result, nonfinite=True)
+                return self._skip(result)
         elif red.nonfinite:
             # inf/nan in bf16/fp32: every rank saw the same flag: skip; no weight or optimizer state changes
-            return self._skip(result, nonfinite=True)
+            return self._skip(result)
         inv = fix / self._scale
         if inv != 1.0:
             with torch.no_grad():
@@ -182,7 +182,7 @@ class NativeBackend(Backend):
         else:  # a gradient layout owned_grad_sq cannot split: the norm's own reductions
             norm = float(total_grad_norm(self.params, self.pp_group, exclude=self._duplicates()))
             if not math.isfinite(norm):
-                return self._skip(result, nonfinite=True)
+                return self._skip(result)
         clip_grads_(self.params, self.cfg.train.grad_clip, torch.tensor(norm))
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -193,13 +193,13 @@ class NativeBackend(Backend):
         return StepResult(grad_norm=norm, skipped=False,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, **result)
 
-    def _skip(self, result: dict, nonfinite: bool) -> StepResult:
-        """The step's gradients dropped on every rank: no weight or optimizer state changes."""
+    def _skip(self, result: dict) -> StepResult:
+        """A non-finite step: its gradients dropped on every rank; no weight or optimizer state changes."""
         self._note_grad_bytes()
         self.optimizer.zero_grad(set_to_none=True)
         if self.adalora is not None:
             self.adalora.step += 1  # the schedule follows the trainer's step count
-        return StepResult(grad_norm=math.nan, skipped=True, nonfinite=nonfinite,
+        return StepResult(grad_norm=math.nan, skipped=True, nonfinite=True,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, **result)
 
     def _duplicates(self) -> set[int]:
