@@ -73,6 +73,9 @@ class ParallelConfig:
     dp: int = -1
     pp: int = 1
     tp: int = 1
+    # Context parallel (docs/CONTEXT_PARALLEL.md): each sequence split over cp ranks, attention exact by an
+    # all-to-all over heads (DeepSpeed-Ulysses). data.seq_len and the heads (x tp) must divide by it.
+    cp: int = 1
     sequence_parallel: bool = False
     # One stage per rank: "1f1b", "gpipe". Two virtual stages per rank: "interleaved_1f1b", and the zero-bubble
     # schedules "interleaved_zb" (ZB1P, round-robin), "zbv" and "dualpipev" (V placement: stages r and 2pp-1-r).
@@ -83,9 +86,9 @@ class ParallelConfig:
     timeout_s: float = 300.0
 
     def world_size(self) -> int:
-        """dp x pp x tp with a -1 axis read as 1: the ranks this layout needs at least (what trellis starts
+        """dp x pp x cp x tp with a -1 axis read as 1: the ranks this layout needs at least (what trellis starts
         itself, and what `trellis launch` spreads over the nodes, when nothing else says)."""
-        return max(self.dp, 1) * max(self.pp, 1) * max(self.tp, 1)
+        return max(self.dp, 1) * max(self.pp, 1) * max(self.cp, 1) * max(self.tp, 1)
 
 
 @dataclass(kw_only=True)

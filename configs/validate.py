@@ -93,6 +93,7 @@ def _parallel(cfg: TrainConfig) -> list[str]:
     if p.sequence_parallel and p.tp > 1 and cfg.data.seq_len % p.tp:
         e.append(f"parallel.sequence_parallel: data.seq_len={cfg.data.seq_len} must be divisible by "
                  f"parallel.tp={p.tp}")
+    e.extend(_context_parallel(cfg))
     if p.pp > 1 and p.pp_schedule in ZERO_BUBBLE_SCHEDULES and cfg.zero.stage >= 2:
         # measured: torch's weight-gradient pass misses FSDP2's unsharded parameters (dp2·pp2 zbv ZeRO-3: loss off
         # by 1e-1 against the 1-process reference)
@@ -250,6 +251,37 @@ def _precision(cfg: TrainConfig) -> list[str]:
         elif pr.min_loss_scale > 2.0 ** pr.initial_scale_power:
             e.append(f"precision.min_loss_scale={pr.min_loss_scale} is above the initial scale "
                      f"2^{pr.initial_scale_power}; lower it or raise precision.initial_scale_power")
+    return e
+
+
+def _context_parallel(cfg: TrainConfig) -> list[str]:
+    """parallel.cp: the sequence split over cp ranks (parallel/context_parallel.py), and what it does not
+    compose with yet."""
+    p, cp = cfg.parallel, cfg.parallel.cp
+    if cp < 1:
+        return [f"parallel.cp={cp}: must be a positive integer (1 = no context parallel; -1 is for dp/pp/tp)"]
+    if cp == 1:
+        return []
+    e = []
+    split = cp * p.tp if p.sequence_parallel else cp
+    if cfg.data.seq_len % split:
+        what = f"parallel.cp x parallel.tp = {split} (sequence parallel)" if p.sequence_parallel else f"parallel.cp={cp}"
+        e.append(f"data.seq_len={cfg.data.seq_len} must be divisible by {what}: every rank gets an equal chunk; "
+                 f"use a seq_len that is a multiple of {split}")
+    refuse = []
+    if cfg.zero.backend == "deepspeed":
+        refuse.append(("zero.backend='deepspeed'", "use zero.backend='native'"))
+    if cfg.train.compile:
+        refuse.append(("train.compile=true", "set train.compile=false"))
+    if cfg.peft.method in PEFT_PROMPT_METHODS:
+        refuse.append((f"peft.method={cfg.peft.method!r} (virtual tokens in front of the sequence)",
+                       "use lora, dora, qlora or ia3"))
+    if cfg.peft.method == "adalora":
+        refuse.append(("peft.method='adalora'", "use lora or dora"))
+    if cfg.train.objective == "dpo":
+        refuse.append(("train.objective='dpo' (per-sequence log-probabilities)", "use parallel.cp=1 for DPO"))
+    for what, fix in refuse:
+        e.append(f"parallel.cp={cp} with {what}: not supported with context parallel yet; {fix}, or parallel.cp=1")
     return e
 
 

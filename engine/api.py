@@ -73,7 +73,7 @@ class Engine:
     def __init__(self, cfg: TrainConfig, ctx: DistContext, model=None):
         self.config = self.cfg = cfg
         self.ctx = ctx
-        self.dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, ctx.world_size)
+        self.dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, ctx.world_size, cp=cfg.parallel.cp)
         check_global_batch(cfg, self.dims)
         self.dims.build_mesh(ctx.device.type)
         self.user_model = model is not None

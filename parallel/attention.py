@@ -89,6 +89,32 @@ def model_inputs(input_ids: torch.Tensor, *, segment_ids: torch.Tensor | None = 
     return kwargs
 
 
+def cp_model_inputs(input_ids: torch.Tensor, *, segment_ids: torch.Tensor | None = None,
+                    position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    dtype: torch.dtype, device, cp) -> dict:
+    """`model_inputs` under context parallel (`cp`: parallel/context_parallel.ContextParallel): this rank's
+    chunk of the input ids and of the GLOBAL positions, and the FULL-sequence mask the all-to-all kernel
+    applies (None when every row is one causal sequence: the kernel then runs causal over the whole sequence)."""
+    b, s = input_ids.shape
+    seg = segments(segment_ids, attention_mask)
+    if seg is None:
+        pos = position_ids.to(torch.int64) if position_ids is not None else torch.arange(s).expand(b, s)
+        mask = None
+    else:
+        seg = seg.to(device)
+        pos = sample_positions(seg, position_ids.to(device) if position_ids is not None else None)
+        mask = None if one_sequence_per_row(seg) else block_causal_mask(seg, dtype)
+    kwargs = {"input_ids": cp.chunk(input_ids).to(device), "position_ids": cp.chunk(pos).to(device)}
+    if mask is not None:
+        kwargs["attention_mask"] = mask
+    return kwargs
+
+
+def one_sequence_per_row(segment_ids: torch.Tensor) -> bool:
+    """True when no row holds more than one segment (its block-causal mask is the plain causal one)."""
+    return bool((segment_ids == segment_ids[:, :1]).all())
+
+
 def stage_layout(input_ids: torch.Tensor, segment_ids: torch.Tensor | None, position_ids: torch.Tensor | None,
                  attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(segment ids, positions) [b, s] int64 that travel with the activations through the pipeline stages, or

@@ -73,7 +73,9 @@ def owned_grad_sq(params: list[torch.nn.Parameter], coordinate: dict[str, int],
         owner = True
         if isinstance(g, DTensor):
             names = g.device_mesh.mesh_dim_names or ()
-            if any(n not in coordinate and n != "pp" for n in names):
+            # a flattened axis ("dp_cp": FSDP2 over dp x cp) covers each of its parts
+            covered = {part for n in names for part in n.split("_")}
+            if any(n not in coordinate and n != "pp" for n in covered):
                 return None  # a mesh axis this function does not know the replication of
             coord = g.device_mesh.get_coordinate() or []
             for i, pl in enumerate(g.placements):
@@ -81,7 +83,7 @@ def owned_grad_sq(params: list[torch.nn.Parameter], coordinate: dict[str, int],
                     owner = owner and coord[i] == 0
                 elif not isinstance(pl, Shard):
                     return None  # Partial: the local pieces' squares do not add up to the norm
-            outside = [a for a in coordinate if a not in names]
+            outside = [a for a in coordinate if a not in covered]
             g = g.to_local()
         else:
             outside = list(coordinate)

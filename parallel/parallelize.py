@@ -7,10 +7,12 @@ The steps, in the order the code runs them:
                          shards lora_A / lora_B with their base layer (injecting after DTensor TP is
                          silently wrong); the injector returns the PromptHooks of prompt learning
   4. tensor parallel   - per-family plan (parallel/models/<family>.py) applied by shared code
+  4b. context parallel - attention through the all-to-all over heads (parallel/context_parallel.py)
   5. pipeline split    - this rank's stage module(s), original parameter names kept
   6. activation ckpt   - full | selective, per decoder block
   6b. compile          - train.compile: torch.compile per decoder block (parallel/compile.py)
-  7. data parallel     - ZeRO-2/3 wrap with FSDP2 here; ZeRO-0/1 sync grads in the backend
+  7. data parallel     - ZeRO-2/3 wrap with FSDP2 here over dp (dp x cp with context parallel); ZeRO-0/1
+                         sync grads in the backend
 Steps 1-3 and 6 are what every backend shares: the DeepSpeed backend calls parallelize() with
 `shard_data_parallel=False` (DeepSpeed's engine shards over dp itself; it runs with tp = pp = 1).
 Everything reads its process groups from the named mesh axes; nothing computes ranks by hand.
@@ -22,8 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from trellis.errors import ConfigError
+
 from .activation_checkpoint import apply_activation_checkpointing
 from .compile import apply_compile
+from .context_parallel import ContextParallel, apply_context_parallel, cp_family_errors
 from .data_parallel import apply_fsdp, decoder_blocks
 from .dims import ParallelDims, validate_model_dims
 from .hf_compat import alibi_from_key_positions
@@ -44,6 +49,7 @@ class ParallelModel:
     loss_parallel: bool = False          # logits are vocab-sharded DTensors
     fsdp: bool = False
     prompt: PromptHooks | None = None    # PEFT prompt learning's hooks (None without prompt learning)
+    cp: ContextParallel | None = None     # this rank's sequence chunk (None without context parallel)
 
     def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
@@ -62,6 +68,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
                         pp_schedule=cfg.parallel.pp_schedule)
     mesh = dims.mesh
     z = cfg.zero
+    if dims.cp_enabled and cp_family_errors(spec.name, dims.cp):
+        raise ConfigError(cp_family_errors(spec.name, dims.cp))
 
     prepare_model(model, spec)
     if spec.alibi:  # ALiBi with the 4D block-causal mask of packed batches (parallel/attention.py)
@@ -74,6 +82,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
         loss_parallel = True
         if prompt is not None and prompt.bind_tp_mesh is not None:  # prefix tuning: the kv heads of its shard
             prompt.bind_tp_mesh(mesh["tp"])
+
+    cp = apply_context_parallel(model, spec, mesh["cp"]) if dims.cp_enabled else None
 
     pipeline = None
     module = model
@@ -93,7 +103,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
     fsdp = shard_data_parallel and z.stage >= 2
     if fsdp:
         for m in stage_modules:
-            apply_fsdp(m, decoder_blocks(m, spec), mesh["dp"], stage=z.stage, compute_dtype=compute_dtype,
+            apply_fsdp(m, decoder_blocks(m, spec), dims.data_mesh, stage=z.stage, compute_dtype=compute_dtype,
                        cpu_offload=z.offload_optimizer == "cpu" or z.offload_param == "cpu",
                        pin_memory=z.pin_memory)
 
@@ -103,4 +113,4 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, cfg, *, compute_dtyp
             # interleaved 1F1B: two virtual stages; one view of both under the original names
             module = StageUnion(pipeline.stage_modules)
     return ParallelModel(module=module, spec=spec, pipeline=pipeline, loss_parallel=loss_parallel, fsdp=fsdp,
-                         prompt=prompt)
+                         prompt=prompt, cp=cp)

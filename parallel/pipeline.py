@@ -126,6 +126,8 @@ class StageModule(nn.Module):
         self.kv_prefix = prompt.kv_prefix
         self.prefix_len = prompt.prefix_len
         self.pp_replicated = tuple(prompt.pp_replicated)
+        # context parallel: this rank's sequence chunk; the (segment_ids, position_ids) cover the whole sequence
+        self.cp = getattr(model, "trellis_cp", None)
         drop = []
         if not is_first:
             drop += [spec.embed_tokens, spec.position_embedding, spec.embed_norm, *prompt.first_stage_only]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import block_causal_mask, sample_positions
+from .attention import block_causal_mask, one_sequence_per_row, sample_positions
 from .hf_compat import cache_kwarg
 from .models.base import FamilySpec
 
@@ -44,11 +44,13 @@ def _causal_mask(b: int, s: int, prefix: int, dtype: torch.dtype, device, additi
 
 def _stage_positions(stage: nn.Module, h: torch.Tensor, segment_ids: torch.Tensor | None,
                      position_ids: torch.Tensor | None) -> torch.Tensor:
-    """Positions of the stage's h (virtual tokens included), after a PEFT key/value prefix."""
+    """Positions of the stage's h (virtual tokens included), after a PEFT key/value prefix. Context parallel:
+    the layout covers the whole sequence, h this rank's chunk of it."""
     if segment_ids is None:
         return _positions(h, stage.prefix_len)
-    return sample_positions(segment_ids, position_ids, prefix_len=stage.prefix_len,
-                            virtual_tokens=stage.virtual_tokens)
+    pos = sample_positions(segment_ids, position_ids, prefix_len=stage.prefix_len,
+                           virtual_tokens=stage.virtual_tokens)
+    return stage.cp.chunk(pos) if stage.cp is not None else pos
 
 
 def embed(stage: nn.Module, spec: FamilySpec, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None,
@@ -92,7 +94,10 @@ def run_blocks(stage: nn.Module, spec: FamilySpec, blocks: list[nn.Module], h: t
         n_heads = stage.config.n_head
         slopes = _get_alibi_slopes(n_heads, h.device)
         kwargs["alibi"] = (slopes[:, None, None] * torch.arange(n + s, device=h.device)).repeat(b, 1, 1).to(h.dtype)
-    if segment_ids is not None:  # packed rows: block-causal, additive (a boolean 4D mask is wrong under eager)
+    if stage.cp is not None:  # the full sequence's mask, or none (parallel/context_parallel.py)
+        one = segment_ids is None or one_sequence_per_row(segment_ids)
+        kwargs["attention_mask"] = None if one else block_causal_mask(segment_ids, h.dtype)
+    elif segment_ids is not None:  # packed rows: block-causal, additive (a boolean 4D mask is wrong under eager)
         kwargs["attention_mask"] = block_causal_mask(segment_ids, h.dtype, prefix_len=n,
                                                      virtual_tokens=stage.virtual_tokens)
     elif spec.alibi or n or _eager(stage):

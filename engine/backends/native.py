@@ -3,6 +3,7 @@ ZeRO-2/3 over dp, autocast/FSDP mixed precision with fp32 master weights, the en
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from trellis.parallel.attention import model_inputs, stage_layout
+from trellis.parallel.attention import cp_model_inputs, model_inputs, stage_layout
 from trellis.parallel.data_parallel import ReplicatedGradSync, ZeroOneOptimizer, local
 from trellis.parallel.grad_norm import clip_grads_, owned_grad_sq, total_grad_norm
 from trellis.parallel.loss import IGNORE_INDEX, causal_lm_loss_sum, loss_parallel_context
@@ -49,16 +50,19 @@ class NativeBackend(Backend):
         self.params = [p for _, p in self.named_trainable]
         # Autocast only where FSDP2's MixedPrecisionPolicy does not already cast (ZeRO-0/1).
         self.autocast = not self.pm.fsdp and self.dtype_name != "fp32"
-        self.dp_group = self.mesh["dp"].get_group()
+        self.dp_group = self.mesh["dp"].get_group()  # ranks with different samples (the token count's)
+        # ranks with the same parameters and different tokens (dp x cp): gradients are summed over them
+        self.data_group = dims.data_mesh.get_group()
         self.pp_group = self.mesh["pp"].get_group() if dims.pp_enabled else None
+        self.cp = self.pm.cp  # context parallel: this rank's sequence chunk (None without)
         stage = cfg.zero.stage
         allow_empty = self._trainable_elsewhere()
-        if stage == 1 and dims.dp > 1:
+        if stage == 1 and dims.data_size > 1:
             self.optimizer = ZeroOneOptimizer(self.named_trainable, lambda nps: build_optimizer(nps, cfg.train),
-                                              self.dp_group, dims.dp)
+                                              self.data_group, dims.data_size)
         else:
             self.optimizer = build_optimizer(self.named_trainable, cfg.train, allow_empty=allow_empty)
-        self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.dp_group, dims.dp)
+        self.grad_sync = None if self.pm.fsdp else ReplicatedGradSync(self.params, self.data_group, dims.data_size)
         self.scaler = DynamicLossScaler.from_config(cfg.precision)
         self.adalora = build_adalora(cfg, self.pm.spec, self.module, dims.tp, dims.pp)  # None unless adalora
         coord = dims.coordinate()
@@ -79,15 +83,35 @@ class NativeBackend(Backend):
         return global_token_count(micro_batches, self.dp_group)
 
     def _model_inputs(self, b: Batch) -> dict:
-        """The HF forward's kwargs: input_ids, and for packed/padded batches the block-causal mask and positions."""
+        """The HF forward's kwargs: input_ids, and for packed/padded batches the block-causal mask and positions
+        (context parallel: this rank's chunk of ids and positions, the whole sequence's mask)."""
+        if self.cp is not None:
+            return cp_model_inputs(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
+                                   attention_mask=b.attention_mask, dtype=compute_dtype(self.dtype_name),
+                                   device=self.ctx.device, cp=self.cp)
         return model_inputs(b.input_ids, segment_ids=b.segment_ids, position_ids=b.position_ids,
                             attention_mask=b.attention_mask, dtype=compute_dtype(self.dtype_name),
                             device=self.ctx.device, prompt=self.pm.prompt)
 
+    def _chunk(self, b: Batch) -> Batch:
+        """The part of `b` this rank computes the loss of: under context parallel its sequence chunk (labels,
+        ids and every [b, s] tensor, extras included); otherwise `b`. A user's loss function sees this."""
+        if self.cp is None:
+            return b
+        s = b.input_ids.shape[1]
+
+        def cut(v):
+            return self.cp.chunk(v) if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == s else v
+
+        return dataclasses.replace(b, input_ids=cut(b.input_ids), labels=cut(b.labels), segment_ids=cut(b.segment_ids),
+                                   position_ids=cut(b.position_ids), attention_mask=cut(b.attention_mask),
+                                   extra={k: cut(v) for k, v in b.extra.items()})
+
     def _stage_layout(self, micro_batches: list[Batch]) -> tuple:
-        """() or the (segment_ids, position_ids) the pipeline stages carry along with the activations."""
+        """() or the (segment_ids, position_ids) the pipeline stages carry along with the activations (context
+        parallel: always, covering the whole sequence; the stages cut their positions' chunk)."""
         layouts = [stage_layout(b.input_ids, b.segment_ids, b.position_ids, b.attention_mask) for b in micro_batches]
-        if all(x is None for x in layouts):
+        if all(x is None for x in layouts) and self.cp is None:
             return ()
         layouts = [x or stage_layout(b.input_ids, torch.ones_like(b.input_ids), None, None)
                    for x, b in zip(layouts, micro_batches)]
@@ -109,10 +133,11 @@ class NativeBackend(Backend):
         dev = self.ctx.device
         lp = self._loss_parallel(loss_fn)
         if self.pm.pipeline is not None:
-            ids = torch.cat([b.input_ids for b in micro_batches]).to(dev)
-            labels = torch.cat([b.labels for b in micro_batches]).to(dev)
+            chunks = [self._chunk(b) for b in micro_batches]
+            ids = torch.cat([b.input_ids for b in chunks]).to(dev)
+            labels = torch.cat([b.labels for b in chunks]).to(dev)
             self._loss_fn = loss_fn
-            self._feed = PipelineFeed(micro_batches, dev, self.pm.pipeline.first_run(train=True))
+            self._feed = PipelineFeed(chunks, dev, self.pm.pipeline.first_run(train=True))
             with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"), \
                     loss_parallel_context(lp):
                 out = self.pm.pipeline.train_step(ids, labels, self._stage_layout(micro_batches))
@@ -131,7 +156,7 @@ class NativeBackend(Backend):
             with loss_parallel_context(lp):
                 with autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                     logits = self.module(**self._model_inputs(b)).logits
-                loss = micro_loss_sum(loss_fn, logits, b) / self._norm
+                loss = micro_loss_sum(loss_fn, logits, self._chunk(b)) / self._norm
                 (loss * self._scale).backward()
             loss = loss.detach()
             total += (loss.full_tensor() if hasattr(loss, "full_tensor") else loss).double()  # no host sync
@@ -146,7 +171,7 @@ class NativeBackend(Backend):
         self._scale = self.scaler.scale if self.scaler is not None else 1.0
         local_loss = self._forward_backward(micro_batches, loss_fn)
         if self.adalora is not None:  # peft's orthogonal regulariser, once per step
-            local_loss += self.adalora.backward_orth_reg(self._scale, self.dims.dp)
+            local_loss += self.adalora.backward_orth_reg(self._scale, self.dims.dp)  # (refused with cp)
         if self.grad_sync is not None:
             self.grad_sync.sync()
         if self.pm.pipeline is not None:
@@ -155,7 +180,7 @@ class NativeBackend(Backend):
         # signal (each (dp, last-stage, tp-rank-0) rank contributes its loss part and its counted tokens).
         sq = owned_grad_sq(self.params, self._replica_coord, exclude=self._duplicates())
         counts = self._counts_loss
-        red = reduce_step_scalars(local_loss if counts else 0.0, local_token_count(micro_batches) if counts else 0,
+        red = reduce_step_scalars(local_loss if counts else 0.0, self._counted(micro_batches) if counts else 0,
                                   sq if sq is not None else 0.0, stop_signal, self.ctx.device)
         # The normaliser used in the backward vs the confirmed count (they differ only if labels were changed
         # after the sampler counted them): rescale gradients and loss to the exact mean.
@@ -202,6 +227,10 @@ class NativeBackend(Backend):
         return StepResult(grad_norm=math.nan, skipped=True, nonfinite=True,
                           loss_scale=self.scaler.scale if self.scaler is not None else None, **result)
 
+    def _counted(self, micro_batches: list[Batch]) -> int:
+        """The targets this rank's loss part counted (its sequence chunks' under context parallel)."""
+        return local_token_count([self._chunk(b) for b in micro_batches])
+
     def _duplicates(self) -> set[int]:
         pipe = self.pm.pipeline
         return set() if pipe is None else {id(p) for p in pipe.duplicate_params()}
@@ -224,10 +253,11 @@ class NativeBackend(Backend):
             mbs += [filler] * (-len(mbs) % n)
             total = 0.0
             for i in range(0, len(mbs), n):
-                ids = torch.cat([b.input_ids for b in mbs[i:i + n]]).to(dev)
-                labels = torch.cat([b.labels for b in mbs[i:i + n]]).to(dev)
+                chunks = [self._chunk(b) for b in mbs[i:i + n]]
+                ids = torch.cat([b.input_ids for b in chunks]).to(dev)
+                labels = torch.cat([b.labels for b in chunks]).to(dev)
                 self._loss_fn = loss_fn
-                self._feed = PipelineFeed(mbs[i:i + n], dev, self.pm.pipeline.first_run(train=False))
+                self._feed = PipelineFeed(chunks, dev, self.pm.pipeline.first_run(train=False))
                 with loss_parallel_context(lp):
                     out = self.pm.pipeline.eval_step(ids, labels, self._stage_layout(mbs[i:i + n]))
                 total += float(out) if out is not None else 0.0
@@ -238,10 +268,10 @@ class NativeBackend(Backend):
                 with loss_parallel_context(lp), \
                         autocast_context(dev.type, self.dtype_name if self.autocast else "fp32"):
                     logits = self.module(**self._model_inputs(b)).logits
-                    loss_sum = micro_loss_sum(loss_fn, logits, b)
+                    loss_sum = micro_loss_sum(loss_fn, logits, self._chunk(b))
                 total += (loss_sum.full_tensor() if hasattr(loss_sum, "full_tensor") else loss_sum).double()
         counts = self._counts_loss
-        red = reduce_step_scalars(total if counts else 0.0, local_token_count(micro_batches) if counts else 0, 0.0,
+        red = reduce_step_scalars(total if counts else 0.0, self._counted(micro_batches) if counts else 0, 0.0,
                                   0, dev)
         return red.loss / red.tokens if red.tokens else math.nan
 

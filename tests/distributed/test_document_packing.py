@@ -44,8 +44,14 @@ CASES_2 = {
     "pp2 interleaved_zb": {"parallel.pp": 2, "parallel.pp_schedule": "interleaved_zb"},
     "dp2 prefix tuning": {"parallel.dp": 2, "peft.method": "prefix", **PROMPT},
     "pp2 prefix tuning": {"parallel.pp": 2, "peft.method": "prefix", **PROMPT},
+    # context parallel: the full sequence's block-causal mask in the all-to-all kernel, global positions per chunk
+    "cp2": {"parallel.cp": 2},
+    "cp2 qwen3": {"parallel.cp": 2, "model.path": "tiny-qwen3"},
+    "cp2 gpt2 (learned positions) left-padded": ({"parallel.cp": 2, "model.path": "tiny-gpt2"}, True),
 }
-CASES_4 = {"dp2·tp2 LoRA": {"parallel.dp": 2, "parallel.tp": 2, **LORA}}
+CASES_4 = {"dp2·tp2 LoRA": {"parallel.dp": 2, "parallel.tp": 2, **LORA},
+           "cp2·tp2 LoRA": {"parallel.cp": 2, "parallel.tp": 2, **LORA},
+           "pp2·cp2 zero3": {"parallel.pp": 2, "parallel.cp": 2, "zero.stage": 3}}
 CASES_8 = {"dp2·pp2·tp2 zero3": {"parallel.dp": 2, "parallel.pp": 2, "parallel.tp": 2, "zero.stage": 3}}
 
 
