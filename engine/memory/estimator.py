@@ -47,6 +47,7 @@ class TrainingSetup:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallel: the sequence split over cp ranks (ZeRO then shards over dp x cp)
     zero: int = 0
     backend: str = "deepspeed"
     offload_optimizer: str = "none"
@@ -75,7 +76,7 @@ class TrainingSetup:
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
 
 @dataclass
@@ -160,7 +161,7 @@ class MemoryEstimate:
 # ---- validation -------------------------------------------------------------------------------------
 def validate(d: ModelDims, s: TrainingSetup) -> None:
     errs: list[str] = []
-    for name in ("dp", "tp", "pp", "micro_batch", "grad_accum"):
+    for name in ("dp", "tp", "pp", "cp", "micro_batch", "grad_accum"):
         if getattr(s, name) < 1:
             errs.append(f"--{name.replace('_', '-')}={getattr(s, name)}: must be >= 1")
     if s.zero not in (0, 1, 2, 3):
@@ -175,7 +176,7 @@ def validate(d: ModelDims, s: TrainingSetup) -> None:
         errs.append(f"--backend={s.backend}: use native or deepspeed")
     if not d.raw_params:  # the engine's own rules (parallel/dims.py), so no layout is sized that it refuses
         errs.extend(model_split_errors(s.tp, s.pp, num_heads=d.heads, num_kv_heads=d.kv_heads, num_layers=d.layers,
-                                       vocab_size=d.vocab, intermediate_size=d.ffn))
+                                       vocab_size=d.vocab, intermediate_size=d.ffn, cp=s.cp))
     elif d.layers and s.pp > d.layers:
         errs.append(f"parallel.pp={s.pp} is more than the model's {d.layers} layers; use at most {d.layers}")
     if (s.tp > 1 or s.pp > 1 or s.seq_len) and d.raw_params and not (d.hidden and d.layers):
@@ -188,6 +189,11 @@ def validate(d: ModelDims, s: TrainingSetup) -> None:
         errs.append("--peft needs the model dims (per-linear adapter sizes): use --model")
     if s.pp_schedule not in SCHEDULES:
         errs.append(f"parallel.pp_schedule={s.pp_schedule}: use {', '.join(SCHEDULES)}")
+    if s.cp > 1 and s.backend != "native":
+        errs.append(f"--cp={s.cp}: context parallel runs on the native backend; use --backend native")
+    if s.cp > 1 and s.seq_len % (s.cp * (s.tp if s.sequence_parallel else 1)):
+        errs.append(f"--seq-len={s.seq_len} must be divisible by --cp={s.cp}"
+                    + (f" x --tp={s.tp} (sequence parallel)" if s.sequence_parallel else ""))
     if errs:
         raise ConfigError(errs)
 
@@ -288,13 +294,13 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
     opt_b = OPTIMIZER_BYTES[s.optimizer]
     quant = s.effective_quant
     peft = s.peft != "none"
-    dp, z = s.dp, s.zero
+    dp, z = s.dp * s.cp, s.zero  # Nd: the ranks ZeRO shards over (dp x cp: context parallel replicates too)
     notes: list[str] = []
     ranks: list[RankMemory] = []
     for stage, n_layers in enumerate(stage_layers(d, s.pp) if d.layers else [0]):
         sp = stage_params(d, s, stage, n_layers)
         label = f"pp stage {stage}" if s.pp > 1 else "every rank"
-        r = RankMemory(label=label, first_rank=stage * s.dp * s.tp, layers=n_layers)
+        r = RankMemory(label=label, first_rank=stage * s.dp * s.cp * s.tp, layers=n_layers)
         base = sp.linear_w + sp.other
         trainable = sp.adapters if peft else base
         frozen = base if peft else 0.0
@@ -378,7 +384,7 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             r.buffers += 2 * c * largest_module_params(d, s.tp)
         if s.seq_len:  # a whole training step (with only model states asked for, the classic figures)
             _activations(d, s, stage, n_layers, c, r)
-            r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c)
+            r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c) + cp_alltoall_bytes(d, s, c)
             r.allocator = ALLOCATOR_ALLOWANCE * r.total
         ranks.append(r)
     worst = max(range(len(ranks)), key=lambda i: (ranks[i].total, -i))
@@ -398,7 +404,7 @@ def _comm_buffers(s: TrainingSetup, sp: "StageParams", native: bool, trainable: 
                   c: int) -> float:
     """Bytes of the gradient-communication buffers on one rank (transient, at the step's peak)."""
     if native:
-        if s.dp == 1:
+        if s.dp * s.cp == 1:
             return 0.0
         if s.zero <= 1:  # the engine all-reduces one flattened fp32 copy of this rank's gradients
             return trainable * 4
@@ -427,7 +433,8 @@ def in_flight(s: TrainingSetup, stage: int) -> int:
 
 
 def _activations(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int, c: int, r: RankMemory) -> None:
-    tokens = s.micro_batch * s.seq_len
+    # context parallel: this rank's tokens are its sequence chunk; attention keys span the whole sequence
+    tokens = s.micro_batch * s.seq_len // s.cp
     k = in_flight(s, stage)
     peft = s.peft != "none"
     adapter = 0.0
@@ -437,17 +444,39 @@ def _activations(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int, c: i
     lb = per_layer_bytes(d, tokens=tokens, seq=s.seq_len, tp=s.tp, sp=s.sequence_parallel, act_bytes=c,
                          ckpt=s.activation_checkpointing, frozen_base=peft, adapter_elems=adapter, mode=mode,
                          quantized=s.effective_quant != "none")
-    ml = model_level_bytes(d, tokens=tokens, seq=s.seq_len, tp=s.tp, act_bytes=c, first=stage == 0,
+    ml = model_level_bytes(d, tokens=tokens, seq=s.seq_len // s.cp, tp=s.tp, act_bytes=c, first=stage == 0,
                            last=stage == s.pp - 1, frozen_base=peft, mode=mode, ckpt=s.activation_checkpointing)
-    r.activations = k * (lb["kept"] * n_layers + ml["embedding"] + ml["final_norm"]) + lb["recompute"]
+    kept = lb["kept"] + (cp_replicated_kv_bytes(d, s, tokens, c) if s.activation_checkpointing == "none" else 0.0)
+    r.activations = k * (kept * n_layers + ml["embedding"] + ml["final_norm"]) + lb["recompute"]
     r.activations_recompute = lb["recompute"]
     r.logits = k * ml["logits"]
     if ml["logits"]:
         r.buffers += tokens * d.vocab / s.tp * c  # the logits tensor itself, alive until the loss backward
 
 
+def _kv_replicated(d: ModelDims, s: TrainingSetup) -> bool:
+    """Context parallel replicates the key/value heads to the query heads when a tp rank's kv heads do not
+    divide cp (parallel/context_parallel.py)."""
+    return s.cp > 1 and (d.kv_heads // s.tp) % s.cp != 0
+
+
+def cp_replicated_kv_bytes(d: ModelDims, s: TrainingSetup, tokens: int, c: int) -> float:
+    """Per layer: the extra key/value bytes attention saves when the kv heads are replicated for the all-to-all."""
+    if not _kv_replicated(d, s):
+        return 0.0
+    return tokens * 2 * (d.heads - d.kv_heads) / s.tp * d.head_dim * c
+
+
+def cp_alltoall_bytes(d: ModelDims, s: TrainingSetup, c: int) -> float:
+    """Transient all-to-all buffers of one attention layer (send + receive of q, k, v), on one rank."""
+    if s.cp == 1 or not s.seq_len:
+        return 0.0
+    kv = d.heads if _kv_replicated(d, s) else d.kv_heads
+    return 2 * s.micro_batch * s.seq_len // s.cp * (d.heads + 2 * kv) / s.tp * d.head_dim * c
+
+
 def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[str, str]:
-    """The formula behind each line (Ψ = trainable params on this rank's tp/pp shard, Nd = dp)."""
+    """The formula behind each line (Ψ = trainable params on this rank's tp/pp shard, Nd = dp x cp)."""
     f: dict[str, str] = {}
     z = s.zero
     if native:
@@ -477,11 +506,14 @@ def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[st
                         "for a 16-bit GPT-3 block); /tp for heads and MLP, /tp for the residual region with "
                         "sequence parallel; full checkpointing keeps the block input + one block recomputed, "
                         "selective drops attention internals; x micro-batches in flight "
-                        "(1F1B: pp - stage, GPipe: grad_accum)")
+                        "(1F1B: pp - stage, GPipe: grad_accum); context parallel: seq/cp tokens per rank "
+                        "(attention over the whole sequence for heads/cp; kv heads replicated when they do not "
+                        "divide cp)")
     f["logits"] = "micro_batch x seq x vocab/tp x 4 bytes: fp32 log-probs kept by the cross-entropy"
     f["comm_buffers"] = ("native: ZeRO-0/1 one flat fp32 copy of the grads (4Ψ), ZeRO-2/3 one block's fp32 grads "
                          "for the reduce-scatter; DeepSpeed: min(reduce_bucket_size 5e8, Ψ) (+ ZeRO-3 prefetch "
-                         "bucket 5e7) elements; only with --seq-len (a whole step)")
+                         "bucket 5e7) elements; context parallel: + the all-to-all send/receive buffers of one "
+                         "layer's q, k, v; only with --seq-len (a whole step)")
     f["allocator"] = f"{ALLOCATOR_ALLOWANCE:.0%} of the lines above: caching-allocator fragmentation allowance"
     f["cpu_offload"] = "offloaded optimizer state + fp32 master (+ fp32 grads at stage >= 2) / params"
     f["nvme_offload"] = "ZeRO-Infinity: optimizer state + master and/or params on NVMe"

@@ -47,6 +47,14 @@ BAD_OVERRIDES = [
     ("--zero.backend=deepspeed --parallel.tp=2", "zero.backend"),
     ("--peft.method=lora --peft.quantize_base=int8 --parallel.dp=1 --parallel.tp=2", "peft.quantize_base='int8' with parallel.tp=2"),
     ("--peft.method=lora --peft.quantize_base=int8 --zero.backend=deepspeed", "peft.quantize_base='int8' needs zero.backend='native'"),
+    # context parallel
+    ("--parallel.cp=0", "parallel.cp=0"),
+    ("--parallel.cp=3", "data.seq_len=128 must be divisible by parallel.cp=3"),
+    ("--parallel.cp=2 --parallel.tp=2 --parallel.sequence_parallel=true --data.seq_len=130",
+     "divisible by parallel.cp x parallel.tp = 4"),
+    ("--parallel.cp=2 --zero.backend=deepspeed", "parallel.cp=2 with zero.backend='deepspeed'"),
+    ("--parallel.cp=2 --peft.method=prefix", "parallel.cp=2 with peft.method='prefix'"),
+    ("--parallel.cp=2 --train.compile=true", "parallel.cp=2 with train.compile=true"),
 ]
 
 

@@ -233,3 +233,27 @@ def test_int8_base_bytes_equal_bitsandbytes_layers(tmp_path):
     assert layers and all(m.weight.dtype == torch.int8 and m.weight.SCB.dtype == torch.float32 for m in layers)
     est = estimate(resolve_model("tiny-llama"), TrainingSetup(backend="native", peft="lora", quant="int8"))
     assert est.ranks[0].params_by_dtype["int8"] == measured
+
+
+def test_context_parallel_rules_and_terms():
+    """--cp: the engine's head rule (parallel/dims.py), the seq-len rule, the native backend only; activations are
+    the chunk's (measured halving at cp2: tests/distributed/test_context_parallel.py), ZeRO shards over dp x cp,
+    and kv heads that do not divide cp are replicated (their extra bytes and the all-to-all buffers counted)."""
+    llama = resolve_model("tiny-llama")  # 4 heads, 2 kv heads
+    with pytest.raises(ConfigError, match=r"parallel.cp=8: the all-to-all over heads needs num_attention_heads=4 "
+                                          r"divisible by cp x tp = 8; use parallel.cp in 1, 2, 4"):
+        estimate(llama, TrainingSetup(cp=8, seq_len=256, backend="native"))
+    with pytest.raises(ConfigError, match=r"--seq-len=250 must be divisible by --cp=4"):
+        estimate(llama, TrainingSetup(cp=4, seq_len=250, backend="native"))
+    with pytest.raises(ConfigError, match="--cp=2: context parallel runs on the native backend"):
+        estimate(llama, TrainingSetup(cp=2, seq_len=256, backend="deepspeed"))
+    one, two = (estimate(llama, TrainingSetup(cp=cp, dp=1, zero=1, seq_len=256, micro_batch=2, precision="fp32",
+                                              backend="native")).ranks[0] for cp in (1, 2))
+    assert two.activations == one.activations / 2 and two.logits == one.logits / 2
+    assert two.optimizer_states == one.optimizer_states / 2  # ZeRO-1 over dp x cp = 2 ranks
+    # cp2: 2 kv heads divide cp, nothing replicated; all-to-all send + receive of q, k, v (4 + 2 + 2 heads of 16)
+    assert two.comm_buffers - two.grads == 2 * 2 * 128 * (4 + 2 + 2) * 16 * 4
+    four = estimate(llama, TrainingSetup(cp=4, seq_len=256, micro_batch=2, precision="fp32", backend="native")).ranks[0]
+    quarter = one.activations / 4
+    layers, replicated_kv = 4, 2 * 64 * 2 * (4 - 2) * 16 * 4  # tokens x (k, v) x extra heads x head_dim x fp32
+    assert four.activations == quarter + layers * replicated_kv

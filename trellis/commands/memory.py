@@ -49,6 +49,8 @@ def _add_training_args(p: argparse.ArgumentParser, layout: bool) -> None:
         g.add_argument("--dp", type=int, default=None, help="data-parallel degree (ZeRO shards over it); default 1")
         g.add_argument("--tp", type=int, default=None, help="tensor-parallel degree; default 1")
         g.add_argument("--pp", type=int, default=None, help="pipeline-parallel degree (the worst stage is reported); default 1")
+        g.add_argument("--cp", type=int, default=None,
+                       help="context-parallel degree (the sequence split over cp ranks; ZeRO shards over dp x cp); default 1")
         g.add_argument("--zero", type=int, default=None, choices=[0, 1, 2, 3],
                        help="ZeRO stage: 1 shards optimizer state, 2 also grads, 3 also params")
         g.add_argument("--offload-optimizer", choices=["none", "cpu", "nvme"], default=None,
@@ -117,6 +119,7 @@ def _from_config(path: str) -> dict:
     peft = cfg.peft.method
     quant = base_quantization(cfg)
     return {"model": cfg.model.path, "dp": max(cfg.parallel.dp, 1), "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+            "cp": cfg.parallel.cp,
             "zero": cfg.zero.stage, "backend": cfg.zero.backend, "offload_optimizer": cfg.zero.offload_optimizer,
             "offload_param": cfg.zero.offload_param, "precision": cfg.precision.dtype,
             "optimizer": cfg.train.optimizer, "peft": peft, "lora_r": cfg.peft.r,
