@@ -210,3 +210,26 @@ def model_level_bytes(d: ModelDims, *, tokens: int, seq: int, tp: int, act_bytes
         # cross-entropy in fp32: log_softmax keeps its output, one fp32 per vocab entry per token
         out["logits"] = tokens * d.vocab / tp * 4
     return out
+
+
+# ---- context parallel (parallel/context_parallel.py) ------------------------------------------------------
+def cp_kv_replicated(d: ModelDims, tp: int, cp: int) -> bool:
+    """The key/value heads are replicated to the query heads for the all-to-all when a tp rank's kv heads do
+    not divide cp."""
+    return cp > 1 and (d.kv_heads // tp) % cp != 0
+
+
+def cp_replicated_kv_bytes(d: ModelDims, *, tokens: int, tp: int, cp: int, act_bytes: int) -> float:
+    """Per layer: the extra key/value bytes attention saves when the kv heads are replicated (`tokens`: this
+    rank's chunk)."""
+    if not cp_kv_replicated(d, tp, cp):
+        return 0.0
+    return tokens * 2 * (d.heads - d.kv_heads) / tp * d.head_dim * act_bytes
+
+
+def cp_alltoall_bytes(d: ModelDims, *, tokens: int, tp: int, cp: int, act_bytes: int) -> float:
+    """Transient all-to-all buffers of one attention layer (send + receive of q, k, v) on one rank."""
+    if cp == 1 or not tokens:
+        return 0.0
+    kv = d.heads if cp_kv_replicated(d, tp, cp) else d.kv_heads
+    return 2 * tokens * (d.heads + 2 * kv) / tp * d.head_dim * act_bytes

@@ -21,7 +21,7 @@ from trellis.errors import ConfigError
 from trellis.parallel.dims import model_split_errors
 from trellis.parallel.pipeline import SCHEDULES
 
-from .activations import model_level_bytes, per_layer_bytes, regime
+from .activations import cp_alltoall_bytes, cp_replicated_kv_bytes, model_level_bytes, per_layer_bytes, regime
 from .models import Linear, ModelDims, layer_linears, param_counts, total_params
 
 KEYS = ("params", "grads", "optimizer_states", "master_weights", "activations", "logits", "buffers", "comm_buffers",
@@ -192,8 +192,7 @@ def validate(d: ModelDims, s: TrainingSetup) -> None:
     if s.cp > 1 and s.backend != "native":
         errs.append(f"--cp={s.cp}: context parallel runs on the native backend; use --backend native")
     if s.cp > 1 and s.seq_len % (s.cp * (s.tp if s.sequence_parallel else 1)):
-        errs.append(f"--seq-len={s.seq_len} must be divisible by --cp={s.cp}"
-                    + (f" x --tp={s.tp} (sequence parallel)" if s.sequence_parallel else ""))
+        errs.append(f"--seq-len={s.seq_len} must be divisible by --cp={s.cp}" + " x --tp" * s.sequence_parallel)
     if errs:
         raise ConfigError(errs)
 
@@ -384,7 +383,8 @@ def estimate(d: ModelDims, s: TrainingSetup) -> MemoryEstimate:
             r.buffers += 2 * c * largest_module_params(d, s.tp)
         if s.seq_len:  # a whole training step (with only model states asked for, the classic figures)
             _activations(d, s, stage, n_layers, c, r)
-            r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c) + cp_alltoall_bytes(d, s, c)
+            r.comm_buffers = _comm_buffers(s, sp, native, trainable, n_layers, c) + cp_alltoall_bytes(
+                d, tokens=s.micro_batch * s.seq_len // s.cp, tp=s.tp, cp=s.cp, act_bytes=c)
             r.allocator = ALLOCATOR_ALLOWANCE * r.total
         ranks.append(r)
     worst = max(range(len(ranks)), key=lambda i: (ranks[i].total, -i))
@@ -446,33 +446,13 @@ def _activations(d: ModelDims, s: TrainingSetup, stage: int, n_layers: int, c: i
                          quantized=s.effective_quant != "none")
     ml = model_level_bytes(d, tokens=tokens, seq=s.seq_len // s.cp, tp=s.tp, act_bytes=c, first=stage == 0,
                            last=stage == s.pp - 1, frozen_base=peft, mode=mode, ckpt=s.activation_checkpointing)
-    kept = lb["kept"] + (cp_replicated_kv_bytes(d, s, tokens, c) if s.activation_checkpointing == "none" else 0.0)
+    kept = lb["kept"] + (cp_replicated_kv_bytes(d, tokens=tokens, tp=s.tp, cp=s.cp, act_bytes=c)
+                         if s.activation_checkpointing == "none" else 0.0)
     r.activations = k * (kept * n_layers + ml["embedding"] + ml["final_norm"]) + lb["recompute"]
     r.activations_recompute = lb["recompute"]
     r.logits = k * ml["logits"]
     if ml["logits"]:
         r.buffers += tokens * d.vocab / s.tp * c  # the logits tensor itself, alive until the loss backward
-
-
-def _kv_replicated(d: ModelDims, s: TrainingSetup) -> bool:
-    """Context parallel replicates the key/value heads to the query heads when a tp rank's kv heads do not
-    divide cp (parallel/context_parallel.py)."""
-    return s.cp > 1 and (d.kv_heads // s.tp) % s.cp != 0
-
-
-def cp_replicated_kv_bytes(d: ModelDims, s: TrainingSetup, tokens: int, c: int) -> float:
-    """Per layer: the extra key/value bytes attention saves when the kv heads are replicated for the all-to-all."""
-    if not _kv_replicated(d, s):
-        return 0.0
-    return tokens * 2 * (d.heads - d.kv_heads) / s.tp * d.head_dim * c
-
-
-def cp_alltoall_bytes(d: ModelDims, s: TrainingSetup, c: int) -> float:
-    """Transient all-to-all buffers of one attention layer (send + receive of q, k, v), on one rank."""
-    if s.cp == 1 or not s.seq_len:
-        return 0.0
-    kv = d.heads if _kv_replicated(d, s) else d.kv_heads
-    return 2 * s.micro_batch * s.seq_len // s.cp * (d.heads + 2 * kv) / s.tp * d.head_dim * c
 
 
 def formulas(s: TrainingSetup, native: bool, mixed: bool, quant: str) -> dict[str, str]:
