@@ -86,18 +86,20 @@ def _meter_and_count(trainer, rank) -> None:
     count_alltoall(trainer, rank)
 
 
-def _losses(path: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
+def _losses(path: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in map(json.loads, path.read_text().splitlines()) if key in r}
 
 
 def test_cp2_numerics_memory_comm_and_resume_across_cp(tmp_path):
     from trellis.engine.memory.estimator import TrainingSetup, estimate
     from trellis.engine.memory.models import resolve_model
 
-    # Same global batch (4 sequences of 256) on both layouts: cp2 = 2 x 2 micro-batches on one dp rank,
-    # cp1 = dp2 x 1 micro-batch of 2. Steps 1-4, checkpoints at 2 and 4.
-    cp2 = {**EXACT, "parallel.dp": 1, "parallel.cp": 2, "train.steps": 4, "checkpoint.interval": 2}
-    cp1 = {**EXACT, "parallel.dp": 2, "train.grad_accum": 1, "train.steps": 4, "checkpoint.interval": 2}
+    # Same global batch (4 sequences of 256) on both layouts: cp2 = 2 micro-batches of 2 on one dp rank,
+    # cp1 = dp2 x 2 micro-batches of 1. Steps 1-4, checkpoints at 2 and 4. Both evaluate at steps 2 and 4 on the
+    # same held-out rows (2 batches of micro_batch x dp = 2 rows; eval_loss sequence-sharded under cp2).
+    ev = {"train.steps": 4, "checkpoint.interval": 2, "train.eval_batches": 2, "train.eval_interval": 2}
+    cp2 = {**EXACT, **ev, "parallel.dp": 1, "parallel.cp": 2}
+    cp1 = {**EXACT, **ev, "parallel.dp": 2, "train.micro_batch_size": 1}
     d = tmp_path
     scenarios = [
         {"overrides": {**EXACT, "parallel.dp": 1, "parallel.cp": 2, "logging.metrics_file": str(d / "exact.jsonl")}},
@@ -150,3 +152,6 @@ def test_cp2_numerics_memory_comm_and_resume_across_cp(tmp_path):
     print(f"resume cp2 -> cp1: max |Δloss| steps 3-4 {da:.1e}; cp1 -> cp2: {db:.1e}; cp2 vs cp1 straight "
           f"{max(abs(a[s] - b[s]) for s in a):.1e}")
     assert da <= 1e-5 and db <= 1e-5
+    ea, eb = _losses(d / "a.jsonl", "eval_loss"), _losses(d / "b.jsonl", "eval_loss")
+    print(f"eval loss cp2 {ea}, cp1 {eb}")
+    assert sorted(ea) == sorted(eb) == [2, 4] and max(abs(ea[s] - eb[s]) for s in ea) <= 1e-5
