@@ -1,6 +1,6 @@
 """A cluster profile: what one rank of the user's machines achieves, the costs `trellis plan` ranks layouts with.
 
-Pure data and arithmetic (no torch): `trellis plan --calibrate` (engine/calibrate.py) measures a profile and
+Pure data and arithmetic (no torch): `trellis plan --calibrate` (engine/plan/calibrate.py) measures a profile and
 writes it as JSON; `trellis plan --cluster FILE` loads it; without one, `default_profile(device)` gives
 datasheet figures × a documented achievable fraction (DEVICE_DEFAULTS, sources beside each number).
 

@@ -3,7 +3,7 @@
 The ranking is engine/memory/throughput.py's predicted step time on a cluster profile (engine/memory/cluster.py):
 measured on the user's machines by `trellis plan --calibrate` and passed with `--cluster FILE`, else the
 built-in defaults of `--device` (H100 unless told). The score is global tokens per second; `trellis plan
---validate` runs some of the layouts and prints predicted next to measured step times (engine/plan_validate.py).
+--validate` runs some of the layouts and prints predicted next to measured step times (engine/plan/validate.py).
 """
 
 from __future__ import annotations

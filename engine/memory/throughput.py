@@ -61,9 +61,10 @@ def step_collectives(d: ModelDims, s: TrainingSetup, trainable_rank: float, cp: 
           vocab-parallel cross-entropy's 3 all-reduces of b·s floats; the first stage's embedding (1).
       pp: per micro-batch one activation and one gradient of b·s·h sent and received.
       dp: ZeRO-0/1: the fp32 gradients all-reduced once per step in 25 MiB buckets; ZeRO-1 then broadcasts
-          the updated params (one per parameter tensor, ≈ 9 per layer: counted as all-gather payload);
-          ZeRO-2/3 (FSDP2, one unit per layer + the root): per micro-batch one all-gather of each unit's
-          params (ZeRO-3: two, forward and backward), one reduce-scatter of the fp32 gradients per step.
+          the updated params (one per parameter tensor, a Llama layer has 9; priced as an all-gather of
+          1/dp of them); ZeRO-2/3 (FSDP2, one unit per layer + the root): per micro-batch one all-gather of
+          each unit's params (ZeRO-3: twice, forward and backward),
+          one reduce-scatter of the fp32 gradients per step.
       cp: per layer and micro-batch 4 all-to-alls forward (q, k, v to head-sharded, the output back) and 4
           backward, each of a b·s/cp·h slice (Ulysses; none when cp = 1).
       world: the step's scalar reduction (loss, tokens, grad norm, flags): one all-reduce."""
@@ -85,11 +86,11 @@ def step_collectives(d: ModelDims, s: TrainingSetup, trainable_rank: float, cp: 
             grad_bytes = trainable_rank * 4
             out.append(Collective("dp", "all_reduce", s.dp, max(1, math.ceil(grad_bytes / BUCKET_BYTES)), grad_bytes))
             if s.zero == 1:
-                out.append(Collective("dp", "all_gather", s.dp, 9 * layers + 3, trainable_rank * gb / s.dp))
+                out.append(Collective("dp", "broadcast", s.dp, 9 * layers + 3, trainable_rank * gb))
         else:
-            gathers = 2 if s.zero == 3 else 1
+            rounds = 2 if s.zero == 3 else 1
             shard = trainable_rank * gb / s.dp
-            out.append(Collective("dp", "all_gather", s.dp, m * gathers * units, m * gathers * shard))
+            out.append(Collective("dp", "all_gather", s.dp, m * rounds * units, m * rounds * shard))
             out.append(Collective("dp", "reduce_scatter", s.dp, units, trainable_rank * 4))
     world = s.world * cp
     if world > 1:
@@ -135,7 +136,8 @@ def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: Cl
                 continue
             in_mb = axis in ("tp", "cp", "pp") or (axis == "dp" and c.op == "all_gather" and s.zero >= 2)
             if in_mb == per_microbatch:
-                t += cluster.comm(c.op, c.group, c.bytes, c.calls)
+                t += (cluster.comm("all_gather", c.group, c.bytes / c.group, c.calls) if c.op == "broadcast"
+                      else cluster.comm(c.op, c.group, c.bytes, c.calls))
         return t
 
     tp_c, cp_c, pp_c = (priced(a, True) / m for a in ("tp", "cp", "pp"))

@@ -286,7 +286,7 @@ def cluster_profile(args):
 
 def _plan(args) -> int:
     if args.calibrate:
-        from trellis.engine.calibrate import run_calibration
+        from trellis.engine.plan.calibrate import run_calibration
 
         return run_calibration(args.nproc, args.out)
     from trellis.engine.memory.planner import plan, render_plan
@@ -298,7 +298,7 @@ def _plan(args) -> int:
         raise ConfigError("plan needs --gpu-mem, e.g. --gpu-mem 80GB")
     result = plan(d, s, gpus=args.gpus, global_batch=args.global_batch, cluster=cluster_profile(args))
     if args.validate:
-        from trellis.engine.plan_validate import validate
+        from trellis.engine.plan.validate import validate
 
         return validate(args, d, result)
     if args.plot and result.feasible:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from trellis.errors import ConfigError
 
-from .memory.planner import Candidate, PlanResult
+from ..memory.planner import Candidate, PlanResult
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -84,7 +84,7 @@ def measure(c: Candidate, config: str, steps: int, workdir: Path, model: str | N
 
 
 def validate(args, d, result: PlanResult) -> int:
-    from .distributed import launcher_rank_env
+    from ..distributed import launcher_rank_env
 
     if launcher_rank_env() is not None:
         raise ConfigError("--validate starts its own runs (one `trellis train` per layout): run it outside "

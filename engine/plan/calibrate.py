@@ -10,7 +10,7 @@ what is measured (4 ranks on 2 CPU cores each get about half a core: that is the
             to the collective (parallel/comm_count.py's "bytes")
   host/NVMe a pinned 256 MiB host→device copy (GPU only); a 64 MiB file written and fsynced in $TMPDIR
   overhead  the real engine (engine/trainer.py) on the shipped tiny-llama at 16 tokens per micro-batch, where
-            FLOPs are negligible: one layout with dp = world at 1 and 4 micro-batches per step (their
+            FLOPs are negligible: one layout with dp = world at 1 and 8 micro-batches per step (their
             difference is the per-micro-batch cost: / layers = overhead_s.layer; what remains of the
             1-micro-batch step is overhead_s.step) and one with tp = 2 (overhead_s.tp_layer: its per-micro-batch
             cost minus its tp all-reduces as the fits just measured price them, / layers).
@@ -29,9 +29,10 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from .memory.cluster import OPS, ClusterProfile, fit_alpha_beta
+from ..memory.cluster import OPS, ClusterProfile, fit_alpha_beta
 
 REPEATS = 5
+SLOPE_MB = 8  # micro-batches of the long step whose difference to a 1-micro-batch step gives the per-micro-batch cost
 
 
 def _sync(device: torch.device) -> None:
@@ -152,11 +153,11 @@ def measure_disk(nbytes: int = 64 * 2 ** 20) -> float:
         return nbytes / (time.perf_counter() - t0)
 
 
-def _engine_step_s(ctx, overrides: dict, steps: int = 3) -> float:
+def _engine_step_s(ctx, overrides: dict, steps: int = 5) -> float:
     """Median seconds of `steps` optimizer steps of the real engine (after one warm-up step), slowest rank."""
     from trellis import configs
 
-    from .trainer import Trainer
+    from ..trainer import Trainer
 
     base = {"train.micro_batch_size": 1, "data.seq_len": 16, "train.steps": steps + 2, "logging.progress": "none",
             "logging.metrics_file": "", "precision.dtype": "fp32"}
@@ -178,9 +179,9 @@ def _engine_step_s(ctx, overrides: dict, steps: int = 3) -> float:
 
 def measure_overheads(ctx, profile: ClusterProfile) -> dict[str, float]:
     """overhead_s from the real engine (module docstring), priced collectives subtracted."""
-    from .memory.estimator import TrainingSetup
-    from .memory.models import resolve_model, total_params
-    from .memory.throughput import step_collectives
+    from ..memory.estimator import TrainingSetup
+    from ..memory.models import resolve_model, total_params
+    from ..memory.throughput import step_collectives
 
     world = ctx.world_size
     d = resolve_model("tiny-llama")
@@ -192,8 +193,8 @@ def measure_overheads(ctx, profile: ClusterProfile) -> dict[str, float]:
 
     dense = {"parallel.dp": world, "parallel.tp": 1, "parallel.pp": 1}
     t1 = _engine_step_s(ctx, {**dense, "train.grad_accum": 1})
-    t4 = _engine_step_s(ctx, {**dense, "train.grad_accum": 4})
-    per_mb = max((t4 - t1) / 3, 0.0)
+    t8 = _engine_step_s(ctx, {**dense, "train.grad_accum": SLOPE_MB})
+    per_mb = max((t8 - t1) / (SLOPE_MB - 1), 0.0)
     s1 = TrainingSetup(dp=world, micro_batch=1, seq_len=16, grad_accum=1, precision="fp32")
     step = max(t1 - per_mb - comm(s1, psi, ("dp", "world")), 0.0)
     layer = per_mb / d.layers
@@ -240,10 +241,10 @@ def run_calibration(nproc: int, out: str) -> int:
     launcher or a Slurm allocation, be one rank of that job. Rank 0 writes the profile to `out`."""
     from trellis.errors import ConfigError
 
-    from .distributed import init_distributed, launcher_rank_env, shutdown
-    from .memory.cluster import save_profile
-    from .run import end_rank_process
-    from .spawn import spawn_local_ranks
+    from ..distributed import init_distributed, launcher_rank_env, shutdown
+    from ..memory.cluster import save_profile
+    from ..run import end_rank_process
+    from ..spawn import spawn_local_ranks
 
     if launcher_rank_env() is None:
         nproc = nproc or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
