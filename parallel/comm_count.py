@@ -123,7 +123,10 @@ def count_collectives(mesh=None) -> Iterator[CommCounts]:
             if group is None:
                 group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
             first = args[0] if args else None
-            src = args[1] if name in _OUT_IN and len(args) > 1 else first
+            if name in _OUT_IN:  # FSDP2 passes (output=, input=) by keyword
+                src = args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_tensor"))
+            else:
+                src = first if first is not None else kwargs.get("tensor")
             counts.add(axis_for(group), _OP_NAME.get(name, name), _nbytes(src))
             return orig(*args, **kwargs)
 

@@ -1,17 +1,9 @@
 """`trellis plan`: enumerate layouts for N GPUs, drop those that do not fit (saying why), rank the rest.
 
-Throughput model (relative, per optimizer step; documented so users can argue with it):
-  step_time = compute / (1 - bubble) + dp_comm + tp_comm + offload
-  compute   = tokens · hardware FLOPs per token / (gpus · PEAK_FLOPS)  (parallel/flops.py: the MFU metric's FLOP
-              model, PEFT-aware, with the forward that activation checkpointing recomputes; `--params N`
-              without dims: 6·Ψ per token)
-  bubble    = (pp - 1) / (grad_accum + pp - 1)                          (GPipe and 1F1B alike)
-  dp_comm   = ring volume of grads (ZeRO 0-2: 2Ψ_rank·bytes; ZeRO-3: 3Ψ_rank·bytes incl. the param gathers)
-              over NVLink when the dp group fits in a node, else over the inter-node network
-  tp_comm   = 4 all-reduces of b·s·h activations per layer per micro-batch (fwd + bwd), over NVLink
-  offload   = host traffic of the offloaded states per step over PCIe (CPU) or NVMe
-The score is global tokens per second under these constants (an H100-class node); it ranks layouts, it
-does not promise a number.
+The ranking is engine/memory/throughput.py's predicted step time on a cluster profile (engine/memory/cluster.py):
+measured on the user's machines by `trellis plan --calibrate` and passed with `--cluster FILE`, else the
+built-in defaults of `--device` (H100 unless told). The score is global tokens per second; `trellis plan
+--validate` runs some of the layouts and prints predicted next to measured step times (engine/plan/validate.py).
 """
 
 from __future__ import annotations
@@ -21,15 +13,10 @@ from dataclasses import dataclass, field, replace
 from trellis.configs.validate import offload_errors
 from trellis.errors import ConfigError
 
-from trellis.parallel.flops import flops_per_token
+from .cluster import ClusterProfile, default_profile
 from .estimator import MemoryEstimate, TrainingSetup, estimate
-from .models import ModelDims, total_params
-
-PEAK_FLOPS = 400e12  # sustained bf16 matmul throughput per GPU
-NVLINK_BW = 300e9  # bytes/s per GPU inside a node
-NET_BW = 25e9  # bytes/s per GPU across nodes
-PCIE_BW = 25e9
-NVME_BW = 5e9
+from .models import ModelDims
+from .throughput import step_time
 
 
 @dataclass
@@ -39,12 +26,14 @@ class Candidate:
     step_time: float
     tokens_per_s: float
     parts: dict = field(default_factory=dict)
+    cp: int = 1  # context-parallel degree (parallel.cp, Ulysses): enumerated once the engine has the axis
 
     @property
     def name(self) -> str:
         s = self.setup
         off = f" off={s.offload_optimizer}" if s.offload_optimizer != "none" else ""
-        return (f"dp{s.dp}·tp{s.tp}·pp{s.pp} z{s.zero}{off} ac={s.activation_checkpointing} "
+        cp = f"·cp{self.cp}" if self.cp > 1 else ""
+        return (f"dp{s.dp}·tp{s.tp}·pp{s.pp}{cp} z{s.zero}{off} ac={s.activation_checkpointing} "
                 f"mb={s.micro_batch}×{s.grad_accum}")
 
     def snippet(self) -> str:
@@ -79,40 +68,16 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def throughput(d: ModelDims, s: TrainingSetup, est: MemoryEstimate) -> tuple[float, dict]:
-    gpus = s.world
-    tokens = s.micro_batch * s.grad_accum * s.dp * max(s.seq_len, 1)
-    psi = total_params(d)
-    if d.hidden and d.layers:
-        per_token = flops_per_token(d, seq_len=max(s.seq_len, 1), peft=s.peft, lora_r=s.lora_r,
-                                    lora_targets=s.lora_targets,
-                                    activation_checkpointing=s.activation_checkpointing).hardware
-    else:  # `--params N` alone: no per-layer dims, the 6Ψ rule (with full recompute's extra forward)
-        per_token = 6 * psi * (4 / 3 if s.activation_checkpointing == "full" else 1.0)
-    compute = per_token * tokens / (gpus * PEAK_FLOPS)
-    bubble = (s.pp - 1) / (s.grad_accum + s.pp - 1)
-    psi_rank = psi / (s.tp * s.pp)
-    gb = 2 if s.precision != "fp32" else 4
+def throughput(d: ModelDims, s: TrainingSetup, est: MemoryEstimate, cluster: ClusterProfile | None = None,
+               cp: int = 1) -> tuple[float, dict]:
+    """(predicted step seconds, parts) of layout `s` on `cluster` (default: the built-in H100 profile)."""
+    cluster = cluster or default_profile("H100", s.gpus_per_node)
     trainable_rank = max(r.trainable_params for r in est.ranks)
-    dp_vol = 0.0
-    if s.dp > 1:
-        dp_vol = (2 * trainable_rank * gb) + (psi_rank * gb if s.zero == 3 else 0.0)
-    dp_bw = NVLINK_BW if s.dp * s.tp <= s.gpus_per_node else NET_BW
-    tp_comm = 0.0
-    if s.tp > 1 and d.hidden:
-        per_mb = 4 * 2 * s.micro_batch * max(s.seq_len, 1) * d.hidden * gb * d.layers / s.pp
-        tp_comm = per_mb * s.grad_accum * (s.tp - 1) / s.tp / NVLINK_BW
-    off = 0.0
-    for dest, bw in (("cpu", PCIE_BW), ("nvme", NVME_BW)):
-        if dest in (s.offload_optimizer, s.offload_param):
-            off += 2 * trainable_rank / max(s.dp, 1) * (gb + 4) / bw
-    t = compute / (1 - bubble) + dp_vol / dp_bw + tp_comm + off
-    parts = {"compute_s": compute, "bubble": bubble, "dp_comm_s": dp_vol / dp_bw, "tp_comm_s": tp_comm,
-             "offload_s": off}
-    return t, parts
+    return step_time(d, s, trainable_rank, cluster, cp)
 
 
-def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0) -> PlanResult:
+def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0,
+         cluster: ClusterProfile | None = None) -> PlanResult:
     if gpus < 1:
         raise ConfigError(f"--gpus={gpus}: must be >= 1")
     if not base.seq_len:
@@ -145,7 +110,7 @@ def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0)
                             except ConfigError as e:
                                 rejected.append((f"dp{dp}·tp{tp}·pp{pp} z{zero}", e.messages[0]))
                                 continue
-                            t, parts = throughput(d, s, est)
+                            t, parts = throughput(d, s, est, cluster)
                             c = Candidate(s, est, t, s.micro_batch * ga * dp * max(s.seq_len, 1) / t, parts)
                             if not est.fits:
                                 over = est.worst_rank.total - s.gpu_mem

@@ -100,12 +100,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("plan", help="enumerate layouts that fit, ranked by a throughput model")
     _add_model_args(q)
     _add_training_args(q, layout=False)
-    q.add_argument("--gpus", type=int, required=True, help="total GPUs to lay out (dp x tp x pp)")
+    q.add_argument("--gpus", type=int, help="total GPUs to lay out (dp x tp x pp); required unless --calibrate")
     q.add_argument("--global-batch", type=int, default=0, help="sequences per optimizer step (0 = any)")
     q.add_argument("--top", type=int, default=5, help="how many ranked layouts to print (default 5)")
     q.add_argument("--show-rejected", action="store_true", help="list infeasible layouts and why")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--plot", metavar="PNG", help="stacked bars of the top layouts")
+    c = q.add_argument_group("cluster profile (docs/PLANNER.md)")
+    c.add_argument("--cluster", metavar="FILE", help="rank with this measured profile (from --calibrate)")
+    c.add_argument("--device", default="H100", help="built-in profile without --cluster: H100 (default), H200, "
+                                                    "A100, B200 or cpu")
+    c.add_argument("--calibrate", action="store_true",
+                   help="measure this machine's profile (matmul FLOP/s, collectives, overheads) and write it")
+    c.add_argument("--nproc", type=int, default=0,
+                   help="--calibrate/--validate: local ranks to start (default: the GPUs, else 2); under a "
+                        "launcher or Slurm the job's ranks are used")
+    c.add_argument("--out", metavar="FILE", default="cluster.json", help="--calibrate: where (default cluster.json)")
+    c.add_argument("--validate", action="store_true",
+                   help="run the top --top and a few low-ranked layouts for a few steps here; print predicted "
+                        "vs measured step time and their rank correlation")
+    c.add_argument("--validate-steps", type=int, default=4, help="--validate: timed steps per layout (default 4)")
     q.set_defaults(func=_plan)
 
 
@@ -265,13 +279,31 @@ def deepspeed_side_by_side(est) -> list[str]:
             "twice at the step (compute dtype + fp32), the ZeRO-3 largest module gathered + its grads"]
 
 
+def cluster_profile(args):
+    from trellis.engine.memory.cluster import default_profile, load_profile
+
+    if args.cluster:
+        return load_profile(args.cluster)
+    return default_profile(args.device, args.gpus_per_node)
+
+
 def _plan(args) -> int:
+    if args.calibrate:
+        from trellis.engine.plan.calibrate import run_calibration
+
+        return run_calibration(args.nproc, args.out)
     from trellis.engine.memory.planner import plan, render_plan
 
+    if not args.gpus:
+        raise ConfigError("plan needs --gpus N (the GPUs to lay out), or --calibrate to measure this machine")
     d, s = build(args)
     if not s.gpu_mem:
         raise ConfigError("plan needs --gpu-mem, e.g. --gpu-mem 80GB")
-    result = plan(d, s, gpus=args.gpus, global_batch=args.global_batch)
+    result = plan(d, s, gpus=args.gpus, global_batch=args.global_batch, cluster=cluster_profile(args))
+    if args.validate:
+        from trellis.engine.plan.validate import validate
+
+        return validate(args, d, result)
     if args.plot and result.feasible:
         from trellis.engine.memory.plot import plot_ranks
 
