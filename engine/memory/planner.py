@@ -26,20 +26,20 @@ class Candidate:
     step_time: float
     tokens_per_s: float
     parts: dict = field(default_factory=dict)
-    cp: int = 1  # context-parallel degree (parallel.cp, Ulysses): enumerated once the engine has the axis
 
     @property
     def name(self) -> str:
         s = self.setup
         off = f" off={s.offload_optimizer}" if s.offload_optimizer != "none" else ""
-        cp = f"·cp{self.cp}" if self.cp > 1 else ""
+        cp = f"·cp{s.cp}" if s.cp > 1 else ""
         return (f"dp{s.dp}·tp{s.tp}·pp{s.pp}{cp} z{s.zero}{off} ac={s.activation_checkpointing} "
                 f"mb={s.micro_batch}×{s.grad_accum}")
 
     def snippet(self) -> str:
         s = self.setup
         return "\n".join([
-            "[parallel]", f"dp = {s.dp}", f"tp = {s.tp}", f"pp = {s.pp}", "", "[zero]", f"stage = {s.zero}",
+            "[parallel]", f"dp = {s.dp}", f"tp = {s.tp}", f"pp = {s.pp}", *([f"cp = {s.cp}"] if s.cp > 1 else []),
+            "", "[zero]", f"stage = {s.zero}",
             f'backend = "{s.backend}"', f'offload_optimizer = "{s.offload_optimizer}"', "",
             "[activation_checkpointing]", f'mode = "{s.activation_checkpointing}"', "", "[train]",
             f"micro_batch_size = {s.micro_batch}", f"grad_accum = {s.grad_accum}"])
@@ -53,7 +53,7 @@ class PlanResult:
     def as_dict(self, top: int) -> dict:
         return {"feasible": [{"layout": c.name, "tokens_per_s": c.tokens_per_s, "step_time_s": c.step_time,
                               "parts": c.parts, "worst_rank_total": int(c.estimate.worst_rank.total),
-                              "setup": {k: getattr(c.setup, k) for k in ("dp", "tp", "pp", "zero", "offload_optimizer",
+                              "setup": {k: getattr(c.setup, k) for k in ("dp", "tp", "pp", "cp", "zero", "offload_optimizer",
                                                                         "activation_checkpointing", "micro_batch",
                                                                         "grad_accum")}}
                              for c in self.feasible[:top]],
@@ -68,12 +68,23 @@ def _pow2_upto(n: int) -> list[int]:
     return out
 
 
-def throughput(d: ModelDims, s: TrainingSetup, est: MemoryEstimate, cluster: ClusterProfile | None = None,
-               cp: int = 1) -> tuple[float, dict]:
+def throughput(d: ModelDims, s: TrainingSetup, est: MemoryEstimate,
+               cluster: ClusterProfile | None = None) -> tuple[float, dict]:
     """(predicted step seconds, parts) of layout `s` on `cluster` (default: the built-in H100 profile)."""
     cluster = cluster or default_profile("H100", s.gpus_per_node)
     trainable_rank = max(r.trainable_params for r in est.ranks)
-    return step_time(d, s, trainable_rank, cluster, cp)
+    return step_time(d, s, trainable_rank, cluster)
+
+
+# Context parallel is proposed for long sequences (its all-to-alls cost what a short sequence does not repay),
+# or whenever no layout fits without it.
+CP_MIN_SEQ = 8192
+
+
+def _cp_degrees(d: ModelDims, base: TrainingSetup, gpus: int) -> list[int]:
+    if base.backend != "native" or not base.seq_len or not d.heads:
+        return []
+    return [c for c in _pow2_upto(gpus)[1:] if base.seq_len % c == 0 and d.heads % c == 0]
 
 
 def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0,
@@ -85,11 +96,27 @@ def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0,
     feasible: list[Candidate] = []
     rejected: list[tuple[str, str]] = []
     node = min(base.gpus_per_node, gpus)
+    long_seq = _cp_degrees(d, base, gpus) if base.seq_len >= CP_MIN_SEQ else []
+    for cps in ([1, *long_seq], [c for c in _cp_degrees(d, base, gpus) if c not in long_seq]):
+        if feasible or not cps:
+            break  # the second pass (context parallel for a sequence that fits nowhere else) only if needed
+        for cp in cps:
+            _enumerate(d, base, gpus, global_batch, cluster, node, cp, feasible, rejected)
+    feasible.sort(key=lambda c: (-c.tokens_per_s, c.estimate.worst_rank.total))
+    return PlanResult(feasible, rejected)
+
+
+def _enumerate(d: ModelDims, base: TrainingSetup, gpus: int, global_batch: int, cluster, node: int, cp: int,
+               feasible: list, rejected: list) -> None:
+    """Every (tp, pp, ZeRO, offload, checkpointing, micro-batch) layout of `gpus` ranks at context-parallel
+    degree `cp`: into `feasible` (sized and timed) or `rejected` (with the reason)."""
     for tp in _pow2_upto(node):
         if d.heads % tp or d.kv_heads % tp:
             continue
-        for pp in [p for p in range(1, (d.layers or 1) + 1) if gpus % (tp * p) == 0 and p <= 16]:
-            dp = gpus // (tp * pp)
+        if cp > 1 and d.heads % (tp * cp):
+            continue
+        for pp in [p for p in range(1, (d.layers or 1) + 1) if gpus % (tp * p * cp) == 0 and p <= 16]:
+            dp = gpus // (tp * pp * cp)
             for zero in (0, 1, 2, 3):
                 offloads = ["none"] + (["cpu"] if not offload_errors(base.backend, zero, "cpu", "none") else [])
                 for off in offloads:
@@ -103,12 +130,13 @@ def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0,
                                 ga = max(pp * 2, 1) if pp > 1 else 1
                             if pp > 1 and ga < pp:
                                 continue
-                            s = replace(base, dp=dp, tp=tp, pp=pp, zero=zero, offload_optimizer=off,
+                            s = replace(base, dp=dp, tp=tp, pp=pp, cp=cp, zero=zero, offload_optimizer=off,
                                         activation_checkpointing=ac, micro_batch=mb, grad_accum=ga)
                             try:
                                 est = estimate(d, s)
                             except ConfigError as e:
-                                rejected.append((f"dp{dp}·tp{tp}·pp{pp} z{zero}", e.messages[0]))
+                                rejected.append((f"dp{dp}·tp{tp}·pp{pp}{f'·cp{cp}' if cp > 1 else ''} z{zero}",
+                                                 e.messages[0]))
                                 continue
                             t, parts = throughput(d, s, est, cluster)
                             c = Candidate(s, est, t, s.micro_batch * ga * dp * max(s.seq_len, 1) / t, parts)
@@ -123,8 +151,6 @@ def plan(d: ModelDims, base: TrainingSetup, *, gpus: int, global_batch: int = 0,
                                                          f"{(need - s.host_mem) / 1e9:.1f} GB over --host-mem"))
                                 continue
                             feasible.append(c)
-    feasible.sort(key=lambda c: (-c.tokens_per_s, c.estimate.worst_rank.total))
-    return PlanResult(feasible, rejected)
 
 
 def render_plan(res: PlanResult, top: int, show_rejected: bool = False) -> str:

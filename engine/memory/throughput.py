@@ -1,7 +1,7 @@
 """The planner's throughput model: predicted seconds per optimizer step of one layout on one cluster profile.
 
-Pure arithmetic (no torch). Inputs: the model dims, the layout (TrainingSetup + a context-parallel degree
-`cp`), and a ClusterProfile (engine/memory/cluster.py: measured by `trellis plan --calibrate`, or built-in
+Pure arithmetic (no torch). Inputs: the model dims, the layout (TrainingSetup, its context-parallel degree
+`cp` included), and a ClusterProfile (engine/memory/cluster.py: measured by `trellis plan --calibrate`, or built-in
 defaults). The slowest pipeline stage sets the step (the last one: it also holds the LM head):
 
   step      = (M + pp - 1) · microbatch + dp_comm + offload + overhead_step        M = grad_accum
@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from trellis.parallel.flops import flops_per_token
 
+from .activations import cp_kv_replicated
 from .cluster import ClusterProfile
 from .estimator import TrainingSetup
 from .models import ModelDims, total_params
@@ -44,8 +45,17 @@ class Collective:
     bytes: float
 
 
-def _act_bytes(s: TrainingSetup, d: ModelDims, cp: int) -> float:
-    return s.micro_batch * max(s.seq_len, 1) / cp * d.hidden * (4 if s.precision == "fp32" else 2)
+def _act_bytes(s: TrainingSetup, d: ModelDims) -> float:
+    return s.micro_batch * max(s.seq_len, 1) / s.cp * d.hidden * (4 if s.precision == "fp32" else 2)
+
+
+def _alltoall_bytes(s: TrainingSetup, d: ModelDims) -> float:
+    """Payload of one layer's 4 forward all-to-alls on one rank (q, k, v and the output, this rank's sequence
+    chunk of its tp heads); kv heads that do not divide cp travel replicated to the query heads."""
+    head_dim = d.head_dim or d.hidden // max(d.heads, 1)
+    kv = d.heads if cp_kv_replicated(d, s.tp, s.cp) else d.kv_heads
+    return (s.micro_batch * max(s.seq_len, 1) / s.cp * (2 * d.heads + 2 * kv) * head_dim / s.tp
+            * (4 if s.precision == "fp32" else 2))
 
 
 def stage_layers(d: ModelDims, pp: int) -> int:
@@ -53,7 +63,7 @@ def stage_layers(d: ModelDims, pp: int) -> int:
     return math.ceil(max(d.layers, 1) / pp)
 
 
-def step_collectives(d: ModelDims, s: TrainingSetup, trainable_rank: float, cp: int = 1) -> list[Collective]:
+def step_collectives(d: ModelDims, s: TrainingSetup, trainable_rank: float) -> list[Collective]:
     """The collectives of one optimizer step on the last pipeline stage's rank, by what the engine sends
     (tests/distributed/test_plan_counts.py checks these against parallel/comm_count.py on real runs):
       tp: per layer and micro-batch 4 all-reduces of b·s·h activations (the attention and MLP outputs forward,
@@ -66,33 +76,35 @@ def step_collectives(d: ModelDims, s: TrainingSetup, trainable_rank: float, cp: 
           each unit's params (ZeRO-3: twice, forward and backward),
           one reduce-scatter of the fp32 gradients per step.
       cp: per layer and micro-batch 4 all-to-alls forward (q, k, v to head-sharded, the output back) and 4
-          backward, each of a b·s/cp·h slice (Ulysses; none when cp = 1).
+          backward, each of this rank's b·s/cp chunk of its heads (Ulysses; none when cp = 1); the dp
+          collectives then run over dp x cp ranks (gradients and ZeRO shards span both).
       world: the step's scalar reduction (loss, tokens, grad norm, flags): one all-reduce."""
     out: list[Collective] = []
     m, layers = s.grad_accum, stage_layers(d, s.pp)
-    act = _act_bytes(s, d, cp) if d.hidden else 0.0
+    cp, data = s.cp, s.dp * s.cp
+    act = _act_bytes(s, d) if d.hidden else 0.0
     gb = 4 if s.precision == "fp32" else 2
     if s.tp > 1 and d.hidden:
         ce = 3 * s.micro_batch * max(s.seq_len, 1) / cp * 4
         ends_calls, ends_bytes = (1 + 3, act + ce) if s.pp > 1 else (2 + 3, 2 * act + ce)
         out.append(Collective("tp", "all_reduce", s.tp, m * (4 * layers + ends_calls), m * (4 * layers * act + ends_bytes)))
     if cp > 1 and d.hidden:
-        out.append(Collective("cp", "all_to_all", cp, m * 8 * layers, m * 8 * layers * act))
+        out.append(Collective("cp", "all_to_all", cp, m * 8 * layers, m * 2 * layers * _alltoall_bytes(s, d)))
     if s.pp > 1:
         out.append(Collective("pp", "send_recv", 2, 2 * m, 2 * m * act))
-    if s.dp > 1:
+    if data > 1:
         units = layers + 1
         if s.zero in (0, 1):
             grad_bytes = trainable_rank * 4
-            out.append(Collective("dp", "all_reduce", s.dp, max(1, math.ceil(grad_bytes / BUCKET_BYTES)), grad_bytes))
+            out.append(Collective("dp", "all_reduce", data, max(1, math.ceil(grad_bytes / BUCKET_BYTES)), grad_bytes))
             if s.zero == 1:
-                out.append(Collective("dp", "broadcast", s.dp, 9 * layers + 3, trainable_rank * gb))
+                out.append(Collective("dp", "broadcast", data, 9 * layers + 3, trainable_rank * gb))
         else:
             rounds = 2 if s.zero == 3 else 1
-            shard = trainable_rank * gb / s.dp
-            out.append(Collective("dp", "all_gather", s.dp, m * rounds * units, m * rounds * shard))
-            out.append(Collective("dp", "reduce_scatter", s.dp, units, trainable_rank * 4))
-    world = s.world * cp
+            shard = trainable_rank * gb / data
+            out.append(Collective("dp", "all_gather", data, m * rounds * units, m * rounds * shard))
+            out.append(Collective("dp", "reduce_scatter", data, units, trainable_rank * 4))
+    world = s.world
     if world > 1:
         out.append(Collective("world", "all_reduce", world, 1, 64))
     return out
@@ -112,9 +124,8 @@ def _per_layer_and_head(d: ModelDims, s: TrainingSetup) -> tuple[float, float]:
 _RECOMPUTE_OVERHEAD = {"none": 1.0, "full": 4 / 3, "selective": 7 / 6}
 
 
-def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: ClusterProfile,
-              cp: int = 1) -> tuple[float, dict]:
-    """(predicted seconds per optimizer step, its parts) of layout `s` (with context-parallel degree `cp`)."""
+def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: ClusterProfile) -> tuple[float, dict]:
+    """(predicted seconds per optimizer step, its parts) of layout `s`."""
     tokens_mb = s.micro_batch * max(s.seq_len, 1)
     layers = stage_layers(d, s.pp)
     if d.hidden and d.layers:
@@ -123,10 +134,10 @@ def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: Cl
     else:  # `--params N` alone: the 6Ψ rule (4/3 with full recompute), split evenly over the stages
         psi = total_params(d)
         stage_flops = tokens_mb * 6 * psi * (4 / 3 if s.activation_checkpointing == "full" else 1.0) / s.pp
-    compute = stage_flops / (s.tp * cp) / cluster.flops(s.precision)
+    compute = stage_flops / (s.tp * s.cp) / cluster.flops(s.precision)
     ov = cluster.overhead_s["tp_layer" if s.tp > 1 else "layer"] * layers
     ov *= _RECOMPUTE_OVERHEAD.get(s.activation_checkpointing, 1.0)
-    comms = step_collectives(d, s, trainable_rank, cp)
+    comms = step_collectives(d, s, trainable_rank)
     m = s.grad_accum
 
     def priced(axis: str, per_microbatch: bool) -> float:
@@ -149,7 +160,7 @@ def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: Cl
     off = 0.0
     for dest, bw in (("cpu", cluster.host_device_bytes_per_s), ("nvme", cluster.nvme_bytes_per_s)):
         if bw and dest in (s.offload_optimizer, s.offload_param):
-            off += 2 * trainable_rank / max(s.dp, 1) * ((4 if s.precision == "fp32" else 2) + 4) / bw
+            off += 2 * trainable_rank / max(s.dp * s.cp, 1) * ((4 if s.precision == "fp32" else 2) + 4) / bw
     t = (m + s.pp - 1) * microbatch + dp_c + world_c + off + cluster.overhead_s["step"]
     parts = {"compute_s": m * compute, "bubble": bubble, "dp_comm_s": dp_c + m * gathers, "tp_comm_s": m * tp_c,
              "pp_comm_s": m * pp_c, "cp_comm_s": m * cp_c, "offload_s": off,

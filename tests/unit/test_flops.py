@@ -156,16 +156,18 @@ def test_meter_and_display():
 
 
 def test_planner_compute_term_uses_the_flop_model():
+    from trellis.engine.memory.cluster import default_profile
     from trellis.engine.memory.estimator import TrainingSetup, estimate
     from trellis.engine.memory.models import resolve_model
-    from trellis.engine.memory.planner import PEAK_FLOPS, throughput
+    from trellis.engine.memory.planner import throughput
 
     d = resolve_model("llama-3-8b")
     parts = {}
     for peft in ("none", "lora"):
         s = TrainingSetup(dp=8, zero=3, seq_len=4096, micro_batch=1, peft=peft, backend="native")
         parts[peft] = throughput(d, s, estimate(d, s))[1]["compute_s"]
-    tokens = 8 * 4096
-    assert parts["none"] == flops_per_token(d, seq_len=4096).hardware * tokens / (8 * PEAK_FLOPS)
+    tokens = 4096  # one micro-batch of one sequence per rank
+    assert parts["none"] == pytest.approx(flops_per_token(d, seq_len=4096).hardware * tokens
+                                          / default_profile("H100").flops("bf16"), rel=1e-12)
     # a frozen base does no weight-gradient matmuls: ~2/3 of full fine-tuning's compute (the old 6Ψ rule: equal)
     assert 0.6 < parts["lora"] / parts["none"] < 0.72

@@ -112,13 +112,37 @@ def test_slow_all_reduce_ranks_tp_last_and_fast_one_does_not():
 def test_cp_term_is_zero_at_cp1_and_prices_all_to_all():
     from trellis.engine.memory.throughput import step_collectives, step_time
 
-    d = resolve_model("tiny-llama")
+    d = resolve_model("tiny-llama")  # 4 heads, 2 kv heads of 16
     s = TrainingSetup(backend="native", precision="fp32", seq_len=128, dp=2, grad_accum=2)
     cluster = default_profile("cpu")
     assert step_time(d, s, 2e5, cluster)[1]["cp_comm_s"] == 0.0
-    a2a = [c for c in step_collectives(d, s, 2e5, cp=2) if c.axis == "cp"]
+    cp2 = replace(s, dp=1, cp=2)
+    a2a = [c for c in step_collectives(d, cp2, 2e5) if c.axis == "cp"]
+    # per layer and micro-batch 8 all-to-alls; q, k, v and the output of b x s/cp tokens, forward and backward
+    # (the figure tests/distributed/test_context_parallel.py counts on a real cp2 step)
     assert a2a and a2a[0].op == "all_to_all" and a2a[0].calls == 2 * 8 * d.layers
-    assert step_time(d, s, 2e5, cluster, cp=2)[1]["cp_comm_s"] > 0
+    assert a2a[0].bytes == 2 * d.layers * 2 * (1 * 64 * (2 * 4 + 2 * 2) * 16 * 4)
+    assert step_time(d, cp2, 2e5, cluster)[1]["cp_comm_s"] > 0
+    # gradients are reduced over dp x cp
+    assert [c.group for c in step_collectives(d, cp2, 2e5) if c.axis == "dp"] == [2]
+
+
+def test_planner_proposes_cp_for_long_sequences_and_where_nothing_else_fits():
+    from trellis.engine.memory.planner import plan
+
+    # 64k tokens of llama-2-7b LoRA on 8 x 80 GB: context parallel is enumerated (seq >= CP_MIN_SEQ) and wins
+    base = TrainingSetup(backend="native", precision="bf16", seq_len=65536, micro_batch=1, gpu_mem=80e9, peft="lora")
+    res = plan(resolve_model("llama-2-7b"), base, gpus=8, global_batch=8)
+    assert res.feasible[0].setup.cp > 1 and "cp = " in res.feasible[0].snippet()
+    assert any(c.setup.cp == 1 for c in res.feasible)  # ranked side by side
+    assert all(c.setup.cp == 1 for c in plan(resolve_model("llama-2-7b"), replace(base, seq_len=2048), gpus=8,
+                                             global_batch=8).feasible)
+    # a 4096-token sequence that no cp=1 layout fits (tp limited to 1 rank per node): only cp layouts are proposed
+    tiny = TrainingSetup(backend="native", precision="fp32", seq_len=4096, micro_batch=1, gpu_mem=30e6,
+                         gpus_per_node=1)
+    res = plan(resolve_model("tiny-llama"), tiny, gpus=4, global_batch=4)
+    assert res.feasible and all(c.setup.cp > 1 for c in res.feasible)
+    assert any("·cp" not in name for name, _ in res.rejected)  # the cp=1 layouts were tried and refused
 
 
 def test_spearman_and_pick():
