@@ -7,11 +7,12 @@ while timing). "Payload" is the size of the tensor handed to the collective (wha
 not wire bytes. Throughput: each layout is run alternately with the 1-process reference, `--repeats` pairs
 (fresh processes each); the ratio's min / median / max over the pairs is printed.
 
-    .venv/bin/python bench/layouts.py [--steps 4] [--repeats 7] [--layouts dp2,tp2,pp2,dp2tp2,pp2tp2,dp2pp2tp2] [--json]
+    .venv/bin/python bench/layouts.py [--steps 4] [--repeats 7] [--layouts dp2,tp2,pp2,cp2,dp2tp2,pp2tp2,cp2tp2,dp2pp2tp2] [--json]
 
 `--json`: the last line is {"layouts": [{"name", "ranks", "tokens_per_s_ratio", "tp_bytes",
-"tp_bytes_megatron", "dp_bytes", "pp_bytes"}]} (ratio = the median; bytes per step on rank 0, counted;
-tp_bytes_megatron from `theory`).
+"tp_bytes_megatron", "dp_bytes", "pp_bytes", "cp_bytes", "cp_bytes_theory"}]} (ratio = the median; bytes per
+step on rank 0, counted; tp_bytes_megatron and cp_bytes_theory from `theory`; cp_bytes: the all-to-alls on the cp
+axis).
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ LAYOUTS = {
     "1": dict(dp=1, pp=1, tp=1), "dp2": dict(dp=2, pp=1, tp=1), "tp2": dict(dp=1, pp=1, tp=2),
     "pp2": dict(dp=1, pp=2, tp=1), "dp2tp2": dict(dp=2, pp=1, tp=2), "pp2tp2": dict(dp=1, pp=2, tp=2),
     "dp2pp2tp2": dict(dp=2, pp=2, tp=2),
+    # context parallel (parallel/context_parallel.py): the sequence split over cp ranks
+    "cp2": dict(dp=1, pp=1, tp=1, cp=2), "cp4": dict(dp=1, pp=1, tp=1, cp=4), "cp2tp2": dict(dp=1, pp=1, tp=2, cp=2),
+    "dp2cp2": dict(dp=2, pp=1, tp=1, cp=2),
 }
+
+
+def ranks(layout: dict) -> int:
+    return layout["dp"] * layout["pp"] * layout["tp"] * layout.get("cp", 1)
 GLOBAL_BATCH, SEQ, MICRO = 8, 128, 1
 
 
@@ -43,6 +51,7 @@ def _worker(rank: int, world: int, layout: dict, steps: int, count: bool) -> dic
     ctx = init_distributed(300.0)
     accum = GLOBAL_BATCH // (MICRO * layout["dp"])
     cfg = configs.load("tiny-llama", {"parallel.dp": layout["dp"], "parallel.pp": layout["pp"], "parallel.tp": layout["tp"],
+                                      "parallel.cp": layout.get("cp", 1),
                                       "train.micro_batch_size": MICRO, "train.grad_accum": accum,
                                       "train.steps": steps + 2, "data.seq_len": SEQ, "logging.progress": "none",
                                       "logging.metrics_file": ""})
@@ -64,6 +73,7 @@ def _worker(rank: int, world: int, layout: dict, steps: int, count: bool) -> dic
                                   for p in trainer.backend.params)
         c = trainer.hf_config
         out.update(hidden=c.hidden_size, layers=c.num_hidden_layers, vocab=c.vocab_size,
+                   heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
                    tp_plan=dict(family_for(c.model_type).tp_plan))
     return out
 
@@ -86,10 +96,14 @@ def theory(layout: dict, r: dict) -> dict[str, int]:
         `tp_per_linear` is what a plan reducing every column-parallel input gradient on its own moves
         (DTensor's Colwise/RowwiseParallel: (2 + colwise linears) * L * act + ends; Llama: 1.67x).
     pp: per micro-batch one activation send forward and one gradient send backward of act per stage
-        boundary, counted on both sides (send + recv)."""
-    dp, pp, tp = layout["dp"], layout["pp"], layout["tp"]
+        boundary, counted on both sides (send + recv).
+    cp (Ulysses): per layer and micro-batch q, k, v and the attention output all-to-all'd forward and their
+        gradients backward, each this rank's [b, s/cp, heads/tp, d] chunk (kv heads at their count when they
+        divide cp, else replicated to the query heads): 2 * L * b * s/cp * (2 heads + 2 kv) * d / tp * 4.
+        (With cp the sequence is cut before tp, so `act` and the tp figures above are per chunk.)"""
+    dp, pp, tp, cp = layout["dp"], layout["pp"], layout["tp"], layout.get("cp", 1)
     accum = GLOBAL_BATCH // (MICRO * dp)
-    act = MICRO * SEQ * r["hidden"] * 4
+    act = MICRO * SEQ // cp * r["hidden"] * 4
     out = {}
     if dp > 1:
         out["dp"] = r["params_local"] * 4
@@ -102,6 +116,10 @@ def theory(layout: dict, r: dict) -> dict[str, int]:
         out["tp_per_linear"] = accum * ((2 + col) * layers_here * act + ends)
     if pp > 1:
         out["pp"] = accum * 2 * act
+    if cp > 1:
+        d_head = r["hidden"] // r["heads"]
+        kv = r["kv_heads"] if (r["kv_heads"] // tp) % cp == 0 else r["heads"]
+        out["cp"] = accum * 2 * (r["layers"] // pp) * MICRO * SEQ // cp * (2 * r["heads"] + 2 * kv) * d_head // tp * 4
     return out
 
 
@@ -121,7 +139,7 @@ def main() -> None:
 
     def run(name: str, count: bool) -> list[dict]:
         lay = LAYOUTS[name]
-        return run_ranks(lay["dp"] * lay["pp"] * lay["tp"], _worker, lay, args.steps, count, timeout=900)
+        return run_ranks(ranks(lay), _worker, lay, args.steps, count, timeout=900)
 
     rows = []
     for name in args.layouts.split(","):
@@ -132,17 +150,19 @@ def main() -> None:
             ratios.append(_tok_s(run(name, False)) / ref)
         th = theory(LAYOUTS[name], counted)
         lay = LAYOUTS[name]
-        rows.append({"name": name, "ranks": lay["dp"] * lay["pp"] * lay["tp"], "ratios": ratios, "counted": counted,
+        rows.append({"name": name, "ranks": ranks(lay), "ratios": ratios, "counted": counted,
                      "theory": th})
     print(f"tiny-llama, global batch {GLOBAL_BATCH} x {SEQ} tokens, fp32, gloo on this machine's CPU cores; "
           f"{args.repeats} alternating pairs per layout")
     print(f"{'layout':<11}{'ranks':>6}{'vs 1 proc min/median/max':>28}   payload bytes/step on rank 0: counted (theory)")
     for row in rows:
         r, th, b = row["ratios"], row["theory"], row["counted"]["bytes"]
-        parts = [f"{ax}={b.get(ax, 0):,} ({th.get(ax, 0):,})" for ax in ("dp", "tp", "pp") if ax in th or b.get(ax)]
+        if "cp" in th:
+            b = {**b, "cp": row["counted"]["calls"].get("cp", {}).get("all_to_all_single", {}).get("bytes", 0)}
+        parts = [f"{ax}={b.get(ax, 0):,} ({th.get(ax, 0):,})" for ax in ("dp", "tp", "pp", "cp") if ax in th or b.get(ax)]
         if "tp_per_linear" in th:
             parts.append(f"[per-linear plan {th['tp_per_linear']:,}]")
-        parts += [f"{k}={v:,}" for k, v in b.items() if k not in ("dp", "tp", "pp")]
+        parts += [f"{k}={v:,}" for k, v in b.items() if k not in ("dp", "tp", "pp", "cp")]
         rng = f"{min(r):.2f}/{statistics.median(r):.2f}/{max(r):.2f}" if r else "-"
         print(f"{row['name']:<11}{row['ranks']:>6}{rng:>28}   " + "  ".join(parts))
         print(f"{'':<11}tp calls: {json.dumps(row['counted']['calls'].get('tp', {}))}")
@@ -155,7 +175,9 @@ def main() -> None:
              "tokens_per_s_ratio_min": min(row["ratios"], default=None),
              "tokens_per_s_ratio_max": max(row["ratios"], default=None),
              "tp_bytes": row["counted"]["bytes"].get("tp", 0), "tp_bytes_megatron": row["theory"].get("tp_megatron", 0),
-             "dp_bytes": row["counted"]["bytes"].get("dp", 0), "pp_bytes": row["counted"]["bytes"].get("pp", 0)}
+             "dp_bytes": row["counted"]["bytes"].get("dp", 0), "pp_bytes": row["counted"]["bytes"].get("pp", 0),
+             "cp_bytes": row["counted"]["calls"].get("cp", {}).get("all_to_all_single", {}).get("bytes", 0),
+             "cp_bytes_theory": row["theory"].get("cp", 0)}
             for row in rows]}))
 
 

@@ -10,14 +10,19 @@ The JSON (docs/PLANNER.md), version 1:
    "collectives": {op: {"<group size>": {"alpha_s": a, "beta_s_per_byte": b}}},   intra-node, t = a + b·bytes
    "inter_node": {op: {...}},                                optional: groups that span nodes
    "host_device_bytes_per_s": B, "nvme_bytes_per_s": B,      0 = not relevant (a CPU: host memory is device memory)
-   "overhead_s": {"layer": t, "tp_layer": t, "step": t}}     engine time no FLOP count explains (see below)
+   "overhead_s": {"layer": t, "tp_layer": t, "step": t,     engine time no FLOP count explains (see below)
+                  "elem_layer": t, "ckpt_layer": t, "fsdp_unit": t}}
 op is one of OPS; "bytes" is the payload one rank hands to the collective (what parallel/comm_count.py counts),
 so beta folds in the algorithm's wire factor (a ring all-reduce sends 2(n-1)/n of it).
 overhead_s: "layer" is the time one decoder layer's forward + backward of one micro-batch costs beyond its
 FLOPs (Python and kernel dispatch); "tp_layer" the same for a tensor-parallel layer (the engine's TP path:
 DTensor dispatch, sharded kernels), collectives excluded; "step" the per-step fixed cost (optimizer, clipping,
-the step's scalar reductions). On a GPU these are small next to the FLOPs; on a CPU with a tiny model they are
-most of the step.
+the step's scalar reductions). "elem_layer" is seconds per activation element (token x hidden / tp) per layer
+forward + backward beyond the matmul FLOPs (norms, activations, rotary, softmax: what the matmul FLOP/s does not
+cover); "ckpt_layer" what full activation checkpointing adds per layer per micro-batch beyond its recomputed
+FLOPs (selective: half of it); "fsdp_unit" the cost of one FSDP2 all-gather or reduce-scatter call beyond its
+priced payload (hooks, copy-in/out). On a GPU these are small next to the FLOPs; on a CPU with a tiny model they
+are most of the step. Missing keys read as 0.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from trellis.errors import ConfigError
 
 VERSION = 1
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
+OVERHEAD_KEYS = ("layer", "tp_layer", "step", "elem_layer", "ckpt_layer", "fsdp_unit")
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,10 @@ class ClusterProfile:
     ranks_per_node: int = 8
     host_device_bytes_per_s: float = 0.0
     nvme_bytes_per_s: float = 0.0
-    overhead_s: dict[str, float] = field(default_factory=lambda: {"layer": 0.0, "tp_layer": 0.0, "step": 0.0})
+    overhead_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(OVERHEAD_KEYS, 0.0))
+
+    def overhead(self, key: str) -> float:
+        return self.overhead_s.get(key, 0.0)
 
     def flops(self, precision: str) -> float:
         """Achieved matmul FLOP/s of one rank in `precision` (fp16 falls back to bf16's figure)."""
@@ -172,7 +181,7 @@ def default_profile(device: str = "H100", ranks_per_node: int = 8) -> ClusterPro
         c = _CPU
         return ClusterProfile("cpu", "built-in cpu defaults (calibrate: trellis plan --calibrate)",
                               dict(c["matmul_flops"]), _links(c["alpha_s"], c["bytes_per_s"], (2, 4, 8)),
-                              ranks_per_node=ranks_per_node, overhead_s=dict(c["overhead_s"]))
+                              ranks_per_node=ranks_per_node, overhead_s={**dict.fromkeys(OVERHEAD_KEYS, 0.0), **c["overhead_s"]})
     if key not in _GPU:
         raise ConfigError(f"--device={device!r}: built-in profiles exist for {', '.join(_GPU)} and cpu; "
                           "for anything else measure one with `trellis plan --calibrate --out cluster.json`")
@@ -184,7 +193,7 @@ def default_profile(device: str = "H100", ranks_per_node: int = 8) -> ClusterPro
          "fp32": fp32 * 1e12 * MATMUL_FRACTION},
         _links(10e-6, nvlink * 1e9 * NVLINK_FRACTION, sizes), _links(25e-6, nic * 1e9 * NET_FRACTION, sizes),
         ranks_per_node=ranks_per_node, host_device_bytes_per_s=pcie * 1e9 * PCIE_FRACTION,
-        nvme_bytes_per_s=NVME_BYTES_PER_S, overhead_s={"layer": 30e-6, "tp_layer": 60e-6, "step": 5e-3})
+        nvme_bytes_per_s=NVME_BYTES_PER_S, overhead_s={**dict.fromkeys(OVERHEAD_KEYS, 0.0), "layer": 30e-6, "tp_layer": 60e-6, "step": 5e-3})
 
 
 # ---- the JSON file ---------------------------------------------------------------------------------------------
@@ -236,8 +245,8 @@ def profile_from_dict(raw, path: str = "cluster profile") -> ClusterProfile:
     if not isinstance(flops, dict) or not flops:
         raise ConfigError(f"{path}: matmul_flops must be an object {{dtype: FLOP/s}}, e.g. {{\"bf16\": 5e14}}")
     overhead = raw.get("overhead_s", {})
-    if not isinstance(overhead, dict) or set(overhead) - {"layer", "tp_layer", "step"}:
-        raise ConfigError(f"{path}: overhead_s must be an object with keys layer, tp_layer, step")
+    if not isinstance(overhead, dict) or set(overhead) - set(OVERHEAD_KEYS):
+        raise ConfigError(f"{path}: overhead_s must be an object with keys {', '.join(OVERHEAD_KEYS)}")
     rpn = raw.get("ranks_per_node", 8)
     if isinstance(rpn, bool) or not isinstance(rpn, int) or rpn < 1:
         raise ConfigError(f"{path}: ranks_per_node = {rpn!r}: must be an integer >= 1")
@@ -249,7 +258,7 @@ def profile_from_dict(raw, path: str = "cluster profile") -> ClusterProfile:
         ranks_per_node=rpn,
         host_device_bytes_per_s=_number(path, "host_device_bytes_per_s", raw.get("host_device_bytes_per_s", 0.0)),
         nvme_bytes_per_s=_number(path, "nvme_bytes_per_s", raw.get("nvme_bytes_per_s", 0.0)),
-        overhead_s={k: _number(path, f"overhead_s.{k}", overhead.get(k, 0.0)) for k in ("layer", "tp_layer", "step")})
+        overhead_s={k: _number(path, f"overhead_s.{k}", overhead.get(k, 0.0)) for k in OVERHEAD_KEYS})
 
 
 def load_profile(path: str | Path) -> ClusterProfile:

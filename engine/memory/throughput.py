@@ -9,8 +9,10 @@ defaults). The slowest pipeline stage sets the step (the last one: it also holds
   compute   = FLOPs of the stage's layers (+ head) for b·s tokens / tp / cp / matmul FLOP/s of the precision,
               FLOPs from parallel/flops.py's `flops_per_token` (the MFU metric's model; `hardware`, so
               activation recompute is in it)
-  overhead  = stage layers × overhead_s.layer (tp > 1: overhead_s.tp_layer), × 4/3 with full activation
-              checkpointing (a second forward), × 7/6 with selective (the attention's forward again)
+  overhead  = stage layers × (overhead_s.layer (tp > 1: overhead_s.tp_layer) + overhead_s.elem_layer × the
+              layer's b·s/cp·h/tp activation elements), × 4/3 with full activation checkpointing (a second
+              forward), × 7/6 with selective (the attention's forward again), + overhead_s.ckpt_layer per layer
+              (selective: half); FSDP2 (ZeRO-2/3): + overhead_s.fsdp_unit per all-gather / reduce-scatter call
   the collectives: `step_collectives` below counts each (calls and payload bytes per step) and the profile's
   alpha-beta fit of that op and group size prices it: t = calls · alpha + bytes · beta.
   bubble    = (pp - 1) / (M + pp - 1) of the pipeline's time (GPipe and 1F1B alike)
@@ -135,10 +137,15 @@ def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: Cl
         psi = total_params(d)
         stage_flops = tokens_mb * 6 * psi * (4 / 3 if s.activation_checkpointing == "full" else 1.0) / s.pp
     compute = stage_flops / (s.tp * s.cp) / cluster.flops(s.precision)
-    ov = cluster.overhead_s["tp_layer" if s.tp > 1 else "layer"] * layers
-    ov *= _RECOMPUTE_OVERHEAD.get(s.activation_checkpointing, 1.0)
+    ac = s.activation_checkpointing
+    elements = tokens_mb / s.cp * max(d.hidden, 1) / s.tp  # one layer's activation elements on this rank
+    ov = (cluster.overhead("tp_layer" if s.tp > 1 else "layer") + cluster.overhead("elem_layer") * elements) * layers
+    ov *= _RECOMPUTE_OVERHEAD.get(ac, 1.0)
+    ov += cluster.overhead("ckpt_layer") * layers * {"full": 1.0, "selective": 0.5}.get(ac, 0.0)
     comms = step_collectives(d, s, trainable_rank)
     m = s.grad_accum
+    fsdp_calls = sum(c.calls for c in comms if c.axis == "dp" and c.op in ("all_gather", "reduce_scatter")) \
+        if s.zero >= 2 else 0
 
     def priced(axis: str, per_microbatch: bool) -> float:
         t = 0.0
@@ -161,8 +168,9 @@ def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: Cl
     for dest, bw in (("cpu", cluster.host_device_bytes_per_s), ("nvme", cluster.nvme_bytes_per_s)):
         if bw and dest in (s.offload_optimizer, s.offload_param):
             off += 2 * trainable_rank / max(s.dp * s.cp, 1) * ((4 if s.precision == "fp32" else 2) + 4) / bw
-    t = (m + s.pp - 1) * microbatch + dp_c + world_c + off + cluster.overhead_s["step"]
+    fsdp = fsdp_calls * cluster.overhead("fsdp_unit")
+    t = (m + s.pp - 1) * microbatch + dp_c + world_c + off + fsdp + cluster.overhead("step")
     parts = {"compute_s": m * compute, "bubble": bubble, "dp_comm_s": dp_c + m * gathers, "tp_comm_s": m * tp_c,
              "pp_comm_s": m * pp_c, "cp_comm_s": m * cp_c, "offload_s": off,
-             "overhead_s": m * ov + cluster.overhead_s["step"] + world_c}
+             "overhead_s": m * ov + cluster.overhead("step") + world_c + fsdp}
     return t, parts

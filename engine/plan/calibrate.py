@@ -13,18 +13,24 @@ what is measured (4 ranks on 2 CPU cores each get about half a core: that is the
             FLOPs are negligible: one layout with dp = world at 1 and 8 micro-batches per step (their
             difference is the per-micro-batch cost: / layers = overhead_s.layer; what remains of the
             1-micro-batch step is overhead_s.step) and one with tp = 2 (overhead_s.tp_layer: its per-micro-batch
-            cost minus its tp all-reduces as the fits just measured price them, / layers).
+            cost minus its tp all-reduces as the fits just measured price them, / layers). Then three more real
+            steps, each measured minus what the model predicts with the overheads found so far:
+            at 128 tokens per micro-batch (/ layers x tokens x hidden: overhead_s.elem_layer), with full
+            activation checkpointing (/ layers: overhead_s.ckpt_layer) and with ZeRO-3 (/ its all-gather and
+            reduce-scatter calls: overhead_s.fsdp_unit).
 Rank 0 gathers everything and returns the profile; the others return None.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
 import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,6 +38,7 @@ import torch.distributed as dist
 from ..memory.cluster import OPS, ClusterProfile, fit_alpha_beta
 
 REPEATS = 5
+LONG_SEQ = 128  # tokens per micro-batch of the activation-element measurement (tiny-llama's FLOPs still small)
 SLOPE_MB = 8  # micro-batches of the long step whose difference to a 1-micro-batch step gives the per-micro-batch cost
 
 
@@ -154,26 +161,27 @@ def measure_disk(nbytes: int = 64 * 2 ** 20) -> float:
 
 
 def _engine_step_s(ctx, overrides: dict, steps: int = 5) -> float:
-    """Median seconds of `steps` optimizer steps of the real engine (after one warm-up step), slowest rank."""
+    """Median seconds per optimizer step of a real training run of `steps` + 1 steps, timed as a user's run is
+    (the metrics file's `step_time_s`, the loop's whole step: data, the step, metrics), the first step (warm-up)
+    left out; rank 0's figure (it times after the step's world-wide reduction)."""
     from trellis import configs
 
     from ..trainer import Trainer
 
-    base = {"train.micro_batch_size": 1, "data.seq_len": 16, "train.steps": steps + 2, "logging.progress": "none",
-            "logging.metrics_file": "", "precision.dtype": "fp32"}
-    cfg = configs.load("tiny-llama", {**base, **overrides})
-    trainer = Trainer(cfg, ctx)
-    engine = trainer.engine
-    batches = engine.batches(trainer.train_data)
-    engine.train_step(next(batches))
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        engine.train_step(next(batches))
-        times.append(time.perf_counter() - t0)
-    t = torch.tensor([statistics.median(times)], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with tempfile.TemporaryDirectory(prefix="trellis-calibrate-") as tmp:
+        path = Path(tmp) / "m.jsonl"
+        path_t = [str(path)]
+        dist.broadcast_object_list(path_t, src=0)  # every rank writes its config with rank 0's path
+        base = {"train.micro_batch_size": 1, "data.seq_len": 16, "train.steps": steps + 1, "logging.progress": "none",
+                "logging.metrics_file": path_t[0], "precision.dtype": "fp32", "train.warmup_steps": 0,
+                "checkpoint.dir": "", "train.eval_interval": 0}
+        Trainer(configs.load("tiny-llama", {**base, **overrides}), ctx).train()
+        t = torch.zeros(1, dtype=torch.float64)
+        if ctx.rank == 0:
+            times = [r["step_time_s"] for r in map(json.loads, path.read_text().splitlines()) if "step_time_s" in r]
+            t[0] = statistics.median(times[1:])
+        dist.broadcast(t, src=0)
+        dist.barrier()  # rank 0 has read the file before its directory goes
     return float(t)
 
 
@@ -181,7 +189,7 @@ def measure_overheads(ctx, profile: ClusterProfile) -> dict[str, float]:
     """overhead_s from the real engine (module docstring), priced collectives subtracted."""
     from ..memory.estimator import TrainingSetup
     from ..memory.models import resolve_model, total_params
-    from ..memory.throughput import step_collectives
+    from ..memory.throughput import step_collectives, step_time
 
     world = ctx.world_size
     d = resolve_model("tiny-llama")
@@ -205,7 +213,29 @@ def measure_overheads(ctx, profile: ClusterProfile) -> dict[str, float]:
         s_tp = TrainingSetup(dp=world // 2, tp=2, micro_batch=1, seq_len=16, grad_accum=4, precision="fp32")
         rest = step + comm(s_tp, psi / 2, ("dp", "world"))
         tp_layer = max((t_tp - rest - comm(s_tp, psi / 2, ("tp",))) / 4 / d.layers, layer)
-    return {"layer": layer, "tp_layer": tp_layer, "step": step}
+    over = {"layer": layer, "tp_layer": tp_layer, "step": step}
+
+    def residual(overrides: dict, setup: TrainingSetup, trainable: float) -> float:
+        """Measured minus predicted (with the overheads found so far) seconds of one real step."""
+        measured = _engine_step_s(ctx, {**dense, **overrides})
+        return measured - step_time(d, setup, trainable, replace(profile, overhead_s=dict(over)))[0]
+
+    # per activation element: the same steps at 8x the tokens (norms, activations, softmax scale with them)
+    long = TrainingSetup(dp=world, micro_batch=1, seq_len=LONG_SEQ, grad_accum=4, precision="fp32")
+    over["elem_layer"] = max(residual({"data.seq_len": LONG_SEQ, "train.grad_accum": 4}, long, psi), 0.0) / (
+        4 * d.layers * LONG_SEQ * d.hidden)
+    # full activation checkpointing beyond its recomputed FLOPs and dispatch
+    ac = TrainingSetup(dp=world, micro_batch=1, seq_len=16, grad_accum=4, precision="fp32",
+                       activation_checkpointing="full")
+    over["ckpt_layer"] = max(residual({"train.grad_accum": 4, "activation_checkpointing.mode": "full"}, ac, psi),
+                             0.0) / (4 * d.layers)
+    # FSDP2 (ZeRO-3) per all-gather / reduce-scatter call beyond its priced payload
+    z3 = TrainingSetup(dp=world, micro_batch=1, seq_len=16, grad_accum=4, precision="fp32", zero=3,
+                       backend="native")
+    calls = sum(c.calls for c in step_collectives(d, z3, psi) if c.op in ("all_gather", "reduce_scatter"))
+    over["fsdp_unit"] = max(residual({"train.grad_accum": 4, "zero.stage": 3}, z3, psi), 0.0) / max(calls, 1) \
+        if world > 1 else 0.0
+    return over
 
 
 def calibrate(ctx) -> ClusterProfile | None:
@@ -272,5 +302,7 @@ def summary(p: ClusterProfile, out: str) -> str:
                                               for g, ab in sorted(fits.items())))
     o = p.overhead_s
     lines.append(f"overhead: {o['layer'] * 1e3:.2f} ms per layer per micro-batch, {o['tp_layer'] * 1e3:.2f} ms "
-                 f"with tp, {o['step'] * 1e3:.1f} ms per step")
+                 f"with tp, {o['step'] * 1e3:.1f} ms per step; {o.get('elem_layer', 0) * 1e9:.1f} ns per activation "
+                 f"element per layer, {o.get('ckpt_layer', 0) * 1e3:.2f} ms per checkpointed layer, "
+                 f"{o.get('fsdp_unit', 0) * 1e3:.2f} ms per FSDP2 collective")
     return "\n".join(lines)

@@ -48,6 +48,9 @@ CASES_2 = {
     "cp2": {"parallel.cp": 2},
     "cp2 qwen3": {"parallel.cp": 2, "model.path": "tiny-qwen3"},
     "cp2 gpt2 (learned positions) left-padded": ({"parallel.cp": 2, "model.path": "tiny-gpt2"}, True),
+    "cp2 neox (partial rotary)": {"parallel.cp": 2, "model.path": "tiny-neox"},
+    "cp2 opt": {"parallel.cp": 2, "model.path": "tiny-opt"},
+    "cp2 phi3": {"parallel.cp": 2, "model.path": "tiny-phi3"},
 }
 CASES_4 = {"dp2·tp2 LoRA": {"parallel.dp": 2, "parallel.tp": 2, **LORA},
            "cp2·tp2 LoRA": {"parallel.cp": 2, "parallel.tp": 2, **LORA},

@@ -156,3 +156,27 @@ def test_spearman_and_pick():
 
     assert pick(R, 3) == [0, 1, 2, 8, 9]
     assert pick(R, 1) == [0, 9]
+
+
+def test_calibrated_engine_overheads_enter_the_step_time():
+    """The overheads `--calibrate` measures from real steps (activation elements, full checkpointing, FSDP2 calls)
+    each add exactly their documented count to the predicted step."""
+    from trellis.engine.memory.throughput import step_collectives, step_time
+
+    d = resolve_model("tiny-llama")
+    base = default_profile("cpu")
+    s = TrainingSetup(backend="native", precision="fp32", seq_len=128, dp=4, grad_accum=2)
+
+    def t(setup, **over):
+        return step_time(d, setup, 2e5, replace(base, overhead_s={**base.overhead_s, **over}))[0]
+
+    elements = 1 * 128 * d.hidden  # one layer's activations of one micro-batch
+    assert t(s, elem_layer=1e-9) - t(s) == pytest.approx(2 * d.layers * elements * 1e-9)
+    full = replace(s, activation_checkpointing="full")
+    assert t(full, ckpt_layer=1e-3) - t(full) == pytest.approx(2 * d.layers * 1e-3)
+    assert t(s, ckpt_layer=1e-3) == t(s)  # no checkpointing, no cost
+    z3 = replace(s, zero=3)
+    calls = sum(c.calls for c in step_collectives(d, z3, 2e5) if c.op in ("all_gather", "reduce_scatter"))
+    assert calls == 2 * 2 * (d.layers + 1) + (d.layers + 1)  # fwd + bwd gathers per micro-batch, one scatter
+    assert t(z3, fsdp_unit=1e-3) - t(z3) == pytest.approx(calls * 1e-3)
+    assert t(s, fsdp_unit=1e-3) == t(s)  # ZeRO-0: no FSDP2 units
