@@ -2,10 +2,10 @@
 
 Every rank runs the same measurements at the same time, so what one rank achieves while its peers are busy is
 what is measured (4 ranks on 2 CPU cores each get about half a core: that is the machine being calibrated).
-  matmul    n×n matmuls per dtype for ~0.3 s (n = 512 on a CPU, 4096 on a GPU): FLOP/s = 2n³·count / time
+  matmul    n×n matmuls per dtype, 5 windows of ~0.3 s, the median (n = 512 on a CPU, 4096 on a GPU): FLOP/s = 2n³·count / time
   collectives  per op (all-reduce, all-gather, reduce-scatter, all-to-all, send/recv) and per group size
             (2, 4, … up to the world; the world split into consecutive groups that all run at once, as a mesh
-            axis's groups do), payloads 4 KiB … 4 MiB (1 MiB … 64 MiB on a GPU), the median of 5 timings each,
+            axis's groups do), payloads 4 KiB … 64 MiB (1 MiB … 64 MiB on a GPU: the gradient buckets training sends), the median of 5 timings each,
             the slowest rank's; then `fit_alpha_beta` per (op, group size). The payload is what one rank hands
             to the collective (parallel/comm_count.py's "bytes")
   host/NVMe a pinned 256 MiB host→device copy (GPU only); a 64 MiB file written and fsynced in $TMPDIR
@@ -47,22 +47,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul(device: torch.device, seconds: float = 0.3) -> dict[str, float]:
+def measure_matmul(device: torch.device, seconds: float = 0.3, rounds: int = 5) -> dict[str, float]:
+    """Achieved n x n matmul FLOP/s per dtype: the median of `rounds` windows of `seconds`, every rank multiplying
+    at once (each window starts at a barrier), so one unlucky scheduling window does not set the figure."""
     n = 4096 if device.type == "cuda" else 512
     out = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
         torch.mm(a, b)
-        dist.barrier()
-        _sync(device)
-        count, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            torch.mm(a, b)
-            count += 1
-            if device.type == "cuda" and count % 8 == 0:
-                _sync(device)
-        _sync(device)
-        out[name] = 2 * n ** 3 * count / (time.perf_counter() - t0)
+        rates = []
+        for _ in range(rounds):
+            dist.barrier()
+            _sync(device)
+            count, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                torch.mm(a, b)
+                count += 1
+                if device.type == "cuda" and count % 8 == 0:
+                    _sync(device)
+            _sync(device)
+            rates.append(2 * n ** 3 * count / (time.perf_counter() - t0))
+        out[name] = statistics.median(rates)
     out["fp16"] = out["bf16"]
     return out
 
@@ -115,7 +120,7 @@ def _time_op(op: str, nbytes: int, group, group_ranks: list[int], device: torch.
 def measure_collectives(device: torch.device) -> dict[str, dict[int, tuple[list[int], list[float]]]]:
     """{op: {group size: (payload sizes, seconds)}}: the slowest rank's median per size."""
     world = dist.get_world_size()
-    sizes = [2 ** k for k in ((20, 22, 24, 26) if device.type == "cuda" else (12, 16, 20, 22))]
+    sizes = [2 ** k for k in ((20, 22, 24, 26) if device.type == "cuda" else (12, 16, 20, 22, 24, 26))]
     out: dict[str, dict[int, tuple[list[int], list[float]]]] = {op: {} for op in OPS}
     g = 2
     while g <= world:

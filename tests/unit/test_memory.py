@@ -257,3 +257,7 @@ def test_context_parallel_rules_and_terms():
     quarter = one.activations / 4
     layers, replicated_kv = 4, 2 * 64 * 2 * (4 - 2) * 16 * 4  # tokens x (k, v) x extra heads x head_dim x fp32
     assert four.activations == quarter + layers * replicated_kv
+    from trellis.parallel.context_parallel import cp_family_errors
+
+    assert cp_family_errors("llama", 2) == [] and cp_family_errors("bloom", 1) == []
+    assert "context parallel is not supported for the bloom family" in cp_family_errors("bloom", 2)[0]
