@@ -11,7 +11,7 @@ The JSON (docs/PLANNER.md), version 1:
    "inter_node": {op: {...}},                                optional: groups that span nodes
    "host_device_bytes_per_s": B, "nvme_bytes_per_s": B,      0 = not relevant (a CPU: host memory is device memory)
    "overhead_s": {"layer": t, "tp_layer": t, "step": t,     engine time no FLOP count explains (see below)
-                  "elem_layer": t, "ckpt_layer": t, "fsdp_unit": t}}
+                  "elem_layer": t, "ckpt_layer": t, "fsdp_unit": t, "optimizer_param": t}}
 op is one of OPS; "bytes" is the payload one rank hands to the collective (what parallel/comm_count.py counts),
 so beta folds in the algorithm's wire factor (a ring all-reduce sends 2(n-1)/n of it).
 overhead_s: "layer" is the time one decoder layer's forward + backward of one micro-batch costs beyond its
@@ -21,7 +21,8 @@ the step's scalar reductions). "elem_layer" is seconds per activation element (t
 forward + backward beyond the matmul FLOPs (norms, activations, rotary, softmax: what the matmul FLOP/s does not
 cover); "ckpt_layer" what full activation checkpointing adds per layer per micro-batch beyond its recomputed
 FLOPs (selective: half of it); "fsdp_unit" the cost of one FSDP2 all-gather or reduce-scatter call beyond its
-priced payload (hooks, copy-in/out). On a GPU these are small next to the FLOPs; on a CPU with a tiny model they
+priced payload (hooks, copy-in/out); "optimizer_param" seconds per parameter of the optimizer step (AdamW is
+memory-bound: it grows with the parameters a rank updates, 1/(dp x cp) of them under ZeRO). On a GPU these are small next to the FLOPs; on a CPU with a tiny model they
 are most of the step. Missing keys read as 0.
 """
 
@@ -36,7 +37,7 @@ from trellis.errors import ConfigError
 
 VERSION = 1
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
-OVERHEAD_KEYS = ("layer", "tp_layer", "step", "elem_layer", "ckpt_layer", "fsdp_unit")
+OVERHEAD_KEYS = ("layer", "tp_layer", "step", "elem_layer", "ckpt_layer", "fsdp_unit", "optimizer_param")
 
 
 @dataclass(frozen=True)

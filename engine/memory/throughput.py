@@ -13,6 +13,7 @@ defaults). The slowest pipeline stage sets the step (the last one: it also holds
               layer's b·s/cp·h/tp activation elements), × 4/3 with full activation checkpointing (a second
               forward), × 7/6 with selective (the attention's forward again), + overhead_s.ckpt_layer per layer
               (selective: half); FSDP2 (ZeRO-2/3): + overhead_s.fsdp_unit per all-gather / reduce-scatter call
+  optimizer = overhead_s.optimizer_param × the trainable parameters this rank updates (ZeRO >= 1: / dp·cp)
   the collectives: `step_collectives` below counts each (calls and payload bytes per step) and the profile's
   alpha-beta fit of that op and group size prices it: t = calls · alpha + bytes · beta.
   bubble    = (pp - 1) / (M + pp - 1) of the pipeline's time (GPipe and 1F1B alike)
@@ -169,8 +170,10 @@ def step_time(d: ModelDims, s: TrainingSetup, trainable_rank: float, cluster: Cl
         if bw and dest in (s.offload_optimizer, s.offload_param):
             off += 2 * trainable_rank / max(s.dp * s.cp, 1) * ((4 if s.precision == "fp32" else 2) + 4) / bw
     fsdp = fsdp_calls * cluster.overhead("fsdp_unit")
-    t = (m + s.pp - 1) * microbatch + dp_c + world_c + off + fsdp + cluster.overhead("step")
+    # the optimizer step over this rank's share of the trainable parameters (ZeRO >= 1: 1/(dp x cp) of them)
+    opt = cluster.overhead("optimizer_param") * trainable_rank / (s.dp * s.cp if s.zero >= 1 else 1)
+    t = (m + s.pp - 1) * microbatch + dp_c + world_c + off + fsdp + opt + cluster.overhead("step")
     parts = {"compute_s": m * compute, "bubble": bubble, "dp_comm_s": dp_c + m * gathers, "tp_comm_s": m * tp_c,
              "pp_comm_s": m * pp_c, "cp_comm_s": m * cp_c, "offload_s": off,
-             "overhead_s": m * ov + cluster.overhead("step") + world_c + fsdp}
+             "overhead_s": m * ov + cluster.overhead("step") + world_c + fsdp, "optimizer_s": opt}
     return t, parts

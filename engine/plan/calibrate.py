@@ -18,6 +18,7 @@ what is measured (4 ranks on 2 CPU cores each get about half a core: that is the
             at 128 tokens per micro-batch (/ layers x tokens x hidden: overhead_s.elem_layer), with full
             activation checkpointing (/ layers: overhead_s.ckpt_layer) and with ZeRO-3 (/ its all-gather and
             reduce-scatter calls: overhead_s.fsdp_unit).
+  optimizer one AdamW step over 4 Mi fp32 parameters on every rank at once: overhead_s.optimizer_param (s/param)
 Rank 0 gathers everything and returns the profile; the others return None.
 """
 
@@ -139,6 +140,25 @@ def measure_collectives(device: torch.device) -> dict[str, dict[int, tuple[list[
     return {op: fits for op, fits in out.items() if fits}
 
 
+def measure_optimizer(device: torch.device, numel: int = 4 * 2 ** 20, steps: int = 5) -> float:
+    """Seconds per trainable parameter of one AdamW step (torch's default implementation, what the engine
+    builds), every rank stepping at once: memory-bound, so on a CPU it grows with the parameters a rank updates
+    (the planner's overhead_s.optimizer_param)."""
+    p = torch.nn.Parameter(torch.randn(numel, device=device))
+    p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    opt.step()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        _sync(device)
+        t0 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / numel
+
+
 def measure_host_device(device: torch.device) -> float:
     if device.type != "cuda":
         return 0.0  # a CPU's "device" memory is host memory
@@ -209,7 +229,8 @@ def measure_overheads(ctx, profile: ClusterProfile) -> dict[str, float]:
     t8 = _engine_step_s(ctx, {**dense, "train.grad_accum": SLOPE_MB})
     per_mb = max((t8 - t1) / (SLOPE_MB - 1), 0.0)
     s1 = TrainingSetup(dp=world, micro_batch=1, seq_len=16, grad_accum=1, precision="fp32")
-    step = max(t1 - per_mb - comm(s1, psi, ("dp", "world")), 0.0)
+    opt = profile.overhead("optimizer_param")
+    step = max(t1 - per_mb - comm(s1, psi, ("dp", "world")) - opt * psi, 0.0)
     layer = per_mb / d.layers
     tp_layer = layer
     if world >= 2 and world % 2 == 0:
@@ -218,7 +239,7 @@ def measure_overheads(ctx, profile: ClusterProfile) -> dict[str, float]:
         s_tp = TrainingSetup(dp=world // 2, tp=2, micro_batch=1, seq_len=16, grad_accum=4, precision="fp32")
         rest = step + comm(s_tp, psi / 2, ("dp", "world"))
         tp_layer = max((t_tp - rest - comm(s_tp, psi / 2, ("tp",))) / 4 / d.layers, layer)
-    over = {"layer": layer, "tp_layer": tp_layer, "step": step}
+    over = {"layer": layer, "tp_layer": tp_layer, "step": step, "optimizer_param": opt}
 
     def residual(overrides: dict, setup: TrainingSetup, trainable: float) -> float:
         """Measured minus predicted (with the overheads found so far) seconds of one real step."""
@@ -265,6 +286,9 @@ def calibrate(ctx) -> ClusterProfile | None:
         matmul_flops=dict(zip(keys, flops.tolist())), collectives={op: f for op, f in intra.items() if f},
         inter_node={op: f for op, f in inter.items() if f}, ranks_per_node=local,
         host_device_bytes_per_s=host_dev, nvme_bytes_per_s=disk)
+    t_opt = torch.tensor([measure_optimizer(device)], dtype=torch.float64)
+    dist.all_reduce(t_opt, op=dist.ReduceOp.MAX)
+    profile = replace(profile, overhead_s={**profile.overhead_s, "optimizer_param": float(t_opt)})
     overhead = measure_overheads(ctx, profile)
     if ctx.rank != 0:
         return None
@@ -309,5 +333,6 @@ def summary(p: ClusterProfile, out: str) -> str:
     lines.append(f"overhead: {o['layer'] * 1e3:.2f} ms per layer per micro-batch, {o['tp_layer'] * 1e3:.2f} ms "
                  f"with tp, {o['step'] * 1e3:.1f} ms per step; {o.get('elem_layer', 0) * 1e9:.1f} ns per activation "
                  f"element per layer, {o.get('ckpt_layer', 0) * 1e3:.2f} ms per checkpointed layer, "
-                 f"{o.get('fsdp_unit', 0) * 1e3:.2f} ms per FSDP2 collective")
+                 f"{o.get('fsdp_unit', 0) * 1e3:.2f} ms per FSDP2 collective, "
+                 f"{o.get('optimizer_param', 0) * 1e9:.1f} ns per parameter of the optimizer step")
     return "\n".join(lines)

@@ -180,3 +180,6 @@ def test_calibrated_engine_overheads_enter_the_step_time():
     assert calls == 2 * 2 * (d.layers + 1) + (d.layers + 1)  # fwd + bwd gathers per micro-batch, one scatter
     assert t(z3, fsdp_unit=1e-3) - t(z3) == pytest.approx(calls * 1e-3)
     assert t(s, fsdp_unit=1e-3) == t(s)  # ZeRO-0: no FSDP2 units
+    # the optimizer step: per parameter this rank updates (ZeRO-1 and up: its 1/dp share)
+    assert t(s, optimizer_param=1e-8) - t(s) == pytest.approx(2e5 * 1e-8)
+    assert t(replace(s, zero=1), optimizer_param=1e-8) - t(replace(s, zero=1)) == pytest.approx(2e5 * 1e-8 / 4)
