@@ -18,14 +18,13 @@ the attribute `vocab_parallel = True`: then it gets the sharded DTensor inside `
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import torch
 
 from trellis.parallel.loss import causal_lm_loss_sum
 
-from .data import Batch
+from .data import Batch, map_tensors
 
 LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, "int | torch.Tensor"]]
 
@@ -37,12 +36,7 @@ def takes_sharded_logits(loss_fn: LossFn | None) -> bool:
 
 def on_device(b: Batch, device) -> Batch:
     """`b` with every tensor (the extras too) on `device`."""
-    def move(v):
-        return v.to(device) if torch.is_tensor(v) else v
-
-    return dataclasses.replace(b, input_ids=move(b.input_ids), labels=move(b.labels),
-                               segment_ids=move(b.segment_ids), position_ids=move(b.position_ids),
-                               attention_mask=move(b.attention_mask), extra={k: move(v) for k, v in b.extra.items()})
+    return map_tensors(b, lambda v: v.to(device))
 
 
 def micro_loss_sum(loss_fn: LossFn | None, logits: torch.Tensor, b: Batch) -> torch.Tensor:

@@ -106,10 +106,11 @@ def model_split_errors(tp: int, pp: int, *, num_heads: int, num_kv_heads: int, n
     """How the model's shapes constrain tp and pp (the one home of these rules: the engine checks them before
     training, the estimator and planner with the same words before they size or propose a layout)."""
     e: list[str] = []
-    if tp > 1:
-        def divisors(n: int) -> str:
-            return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if tp > 1:
         if num_heads % tp:
             e.append(f"parallel.tp={tp} does not divide num_attention_heads={num_heads}; use one of {divisors(num_heads)}")
         if num_kv_heads % tp:
@@ -122,7 +123,7 @@ def model_split_errors(tp: int, pp: int, *, num_heads: int, num_kv_heads: int, n
     # (kv heads need not divide cp: they are replicated to the query heads for the all-to-all,
     # parallel/context_parallel.py)
     if cp > 1 and num_heads % (cp * tp):
-        ok = ", ".join(str(d) for d in range(1, num_heads // tp + 1) if (num_heads // tp) % d == 0) if num_heads % tp == 0 else "1"
+        ok = divisors(num_heads // tp) if num_heads % tp == 0 else "1"
         e.append(f"parallel.cp={cp}: the all-to-all over heads needs num_attention_heads={num_heads} divisible by "
                  f"cp x tp = {cp * tp}; use parallel.cp in {ok}")
     if pp > num_layers:

@@ -3,7 +3,6 @@ ZeRO-2/3 over dp, autocast/FSDP mixed precision with fp32 master weights, the en
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from trellis.parallel.parallelize import ParallelModel, parallelize
 from ..checkpoint.safe_load import dcp_load
 from ..checkpoint.storage import TrellisWriter, empty_copy as _empty_copy
 from ..amp import DynamicLossScaler, autocast_context, compute_dtype
-from ..data import Batch, global_token_count, local_token_count
+from ..data import Batch, global_token_count, local_token_count, map_tensors
 from ..loss import LossFn, PipelineFeed, micro_loss_sum, on_device, takes_sharded_logits
 from ..optim import build_optimizer, set_lr
 from ..peft.adalora import build as build_adalora
@@ -99,13 +98,7 @@ class NativeBackend(Backend):
         if self.cp is None:
             return b
         s = b.input_ids.shape[1]
-
-        def cut(v):
-            return self.cp.chunk(v) if torch.is_tensor(v) and v.dim() >= 2 and v.shape[1] == s else v
-
-        return dataclasses.replace(b, input_ids=cut(b.input_ids), labels=cut(b.labels), segment_ids=cut(b.segment_ids),
-                                   position_ids=cut(b.position_ids), attention_mask=cut(b.attention_mask),
-                                   extra={k: cut(v) for k, v in b.extra.items()})
+        return map_tensors(b, lambda v: self.cp.chunk(v) if v.dim() >= 2 and v.shape[1] == s else v)
 
     def _stage_layout(self, micro_batches: list[Batch]) -> tuple:
         """() or the (segment_ids, position_ids) the pipeline stages carry along with the activations (context

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from trellis.errors import ConfigError
 
-from .batch import IGNORE_INDEX, Batch, global_token_count, local_token_count
+from .batch import IGNORE_INDEX, Batch, global_token_count, local_token_count, map_tensors
 from .corpus import Corpus, load_corpus, prepare
 from .packing import CorpusDataset, PackingStats, pack, resolve_packing, split_units
 from .sampler import GlobalBatchSampler, ItemDataset, ItemSlice, PackedDataset, StepBatches

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,16 @@ class Batch:
     position_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+
+
+def map_tensors(b: Batch, fn) -> Batch:
+    """`b` with `fn` applied to every tensor it carries (the extras too); other values unchanged."""
+    def f(v):
+        return fn(v) if torch.is_tensor(v) else v
+
+    return replace(b, input_ids=f(b.input_ids), labels=f(b.labels), segment_ids=f(b.segment_ids),
+                   position_ids=f(b.position_ids), attention_mask=f(b.attention_mask),
+                   extra={k: f(v) for k, v in b.extra.items()})
 
 
 def local_token_count(micro_batches: list[Batch]) -> int:
